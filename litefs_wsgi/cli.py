@@ -1,0 +1,112 @@
+"""The ``litefs-wsgi`` command: ``serve`` the standalone proxy, ``status`` of a node, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="litefs-wsgi", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the standalone proxy under gunicorn")
+    serve.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
+    serve.add_argument("--bind", help="address to listen on (default: proxy.addr)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
+    serve.add_argument("--threads", type=int, help="threads per worker (default 32)")
+
+    status = commands.add_parser("status", help="print the node's role, the primary, positions and lag")
+    status.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
+    status.add_argument("--dir", help="LiteFS mount (default: fuse.dir, $LITEFS_DIR or /litefs)")
+    status.add_argument("--db", action="append", help="database to report (default: proxy.db, else all)")
+    status.add_argument("--api-url", help="LiteFS HTTP API, e.g. http://localhost:20202")
+
+    from . import demo
+
+    demo.add_arguments(commands.add_parser("demo", help="run a primary and a replica on 127.0.0.1"))
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "status":
+            return run_status(args)
+        return demo.run(args)
+    except ConfigError as exc:
+        print(f"litefs-wsgi: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    for name, value in (
+        ("LITEFS_WSGI_CONFIG", args.config),
+        ("GUNICORN_BIND", args.bind),
+        ("GUNICORN_WORKERS", args.workers),
+        ("GUNICORN_THREADS", args.threads),
+    ):
+        if value is not None:
+            os.environ[name] = str(value)
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    sys.argv = ["litefs-wsgi serve", "-c", "python:litefs_wsgi.gunicorn_conf"]
+    WSGIApplication("%(prog)s [OPTIONS]").run()
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from .config import _api_url, options_from_env, read_yaml
+    from .node import Node
+    from .watcher import Watcher
+
+    options = (
+        read_yaml(args.config or os.environ["LITEFS_WSGI_CONFIG"])
+        if (args.config or os.environ.get("LITEFS_WSGI_CONFIG"))
+        else {}
+    )
+    options.update(options_from_env(os.environ))
+    mount_dir = args.dir or options.get("mount_dir") or "/litefs"
+    dbs = args.db or options.get("db") or _databases_in(mount_dir)
+    dbs = [dbs] if isinstance(dbs, str) else dbs
+    api_url = _api_url(args.api_url or options.get("api_url"), "api_url")
+    node = Node(mount_dir)
+    is_primary, primary = Watcher(node).role()
+    lag = node.lag()
+    print(f"mount:    {mount_dir}{'' if os.path.isdir(mount_dir) else ' (not found)'}")
+    print(f"role:     {'primary' if is_primary else 'replica'} (from the mount's .primary file)")
+    print(f"primary:  {'this node' if is_primary else primary or 'unknown (an election?)'}")
+    print(f"lag:      {'unreadable' if lag is None else f'{lag} ms'}")
+    for db in dbs:
+        pos = node.pos(db)
+        print(
+            f"db {db}: "
+            + (f"TXID {pos.txid:016x} ({pos.txid}), checksum {pos.checksum:016x}" if pos else "no position")
+        )
+    if api_url:
+        print(f"api {api_url}/info: {_info(api_url)}")
+    return 0
+
+
+def _databases_in(mount_dir: str) -> list[str]:
+    try:
+        return sorted(name[:-4] for name in os.listdir(mount_dir) if name.endswith("-pos"))
+    except OSError:
+        return []
+
+
+def _info(api_url: str) -> str:
+    import urllib3
+
+    try:
+        response = urllib3.request("GET", api_url + "/info", timeout=urllib3.Timeout(connect=2, read=2), retries=False)
+        return json.dumps(json.loads(response.data))
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
+        return f"unreachable ({exc})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

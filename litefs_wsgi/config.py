@@ -1,0 +1,336 @@
+"""Options: their defaults, checks, Go-style durations, litefs.yml files and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """An option is unknown or has a bad value; the message names it and says how to fix it."""
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(value: Any, name: str = "duration") -> float:
+    """Return seconds from a number of seconds or a Go duration string ("250ms", "1m30s")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a duration such as 5s or 250ms, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_go_duration(value.strip(), name)
+    else:
+        raise ConfigError(f"{name}: expected a duration such as 5s or 250ms, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{name}: must be a duration of zero or more, got {value!r}")
+    return seconds
+
+
+def _parse_go_duration(text: str, name: str) -> float:
+    try:
+        return float(text)  # plain seconds, as a number written in a string
+    except ValueError:
+        pass
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    if body == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(body):
+        part = _DURATION_PART.match(body, pos)
+        if part is None:
+            raise ConfigError(f"{name}: {text!r} is not a duration; write seconds (5) or Go-style (5s, 250ms, 1m30s)")
+        total += float(part[1]) * _UNITS[part[2]]
+        pos = part.end()
+    if not body:
+        raise ConfigError(f"{name}: empty duration; write seconds (5) or Go-style (5s, 250ms)")
+    return sign * total
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 0:
+        raise ConfigError(f"{name}: expected a whole number of zero or more, got {value!r}")
+    return number
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    return None if value in (None, "") else _str(value, name)
+
+
+def _str_list(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):  # from the environment: comma separated
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _databases(value: Any, name: str) -> tuple[str, ...]:
+    names = _str_list(value, name)
+    if not names:
+        raise ConfigError(f"{name}: name the database file in the LiteFS mount, e.g. db='app.db'")
+    for db in names:
+        if not db or "/" in db or db.startswith("."):
+            raise ConfigError(f"{name}: {db!r} is not a database file name in the mount (e.g. 'app.db')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{name}: {names!r} names a database twice")
+    return names
+
+
+def _forward(value: Any, name: str) -> str:
+    if value not in ("fly-replay", "http"):
+        raise ConfigError(f"{name}: expected 'fly-replay' or 'http', got {value!r}")
+    return value
+
+
+def _url(value: Any, name: str, *, template: bool = False) -> str:
+    text = _str(value, name)
+    if template:
+        try:
+            probe = text.format(hostname="primary", port="8080")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"{name}: {text!r} may only use {{hostname}} and {{port}} (e.g. 'http://{{hostname}}:{{port}}')"
+            ) from exc
+        if "{hostname}" not in text:
+            raise ConfigError(f"{name}: {text!r} must contain {{hostname}}, the primary's host name")
+    else:
+        probe = text
+    parts = urlsplit(probe)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name}: {text!r} must not have a query or fragment")
+    return text.rstrip("/")
+
+
+def _target(value: Any, name: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _str(value, name)
+    if "://" not in text:  # LiteFS writes the target as host:port
+        text = "http://" + ("localhost" + text if text.startswith(":") else text)
+    return _url(text, name)
+
+
+def _addr(value: Any, name: str) -> str:
+    text = _str(value, name)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: expected [host]:port such as ':8080', got {text!r}")
+    return text
+
+
+def _api_url(value: Any, name: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _str(value, name)
+    if "://" not in text:  # litefs.yml's http.addr is ":20202"
+        text = "http://" + ("localhost" + text if text.startswith(":") else text)
+    return _url(text, name)
+
+
+def _default_mount_dir() -> str:
+    return os.environ.get("LITEFS_DIR") or "/litefs"
+
+
+def _default_forward() -> str:
+    return "fly-replay" if os.environ.get("FLY_APP_NAME") else "http"
+
+
+def _default_primary_url() -> str:
+    app = os.environ.get("FLY_APP_NAME")
+    if app and _HOST_LABEL.fullmatch(app):  # the primary machine over Fly.io's private network
+        return f"http://{{hostname}}.vm.{app}.internal:{{port}}"
+    return "http://{hostname}:{port}"
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9-]{1,63}")
+
+
+def _field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, check: Callable, doc: str):
+    kwargs = {"default": default} if factory is dataclasses.MISSING else {"default_factory": factory}
+    return dataclasses.field(metadata={"check": check, "doc": doc}, **kwargs)
+
+
+def _duration(default: float, doc: str):
+    return _field(default, check=parse_duration, doc=doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every option of litefs-wsgi, with LiteFS's defaults. Build with ``Config(**options)``,
+    ``Config.from_yaml(path)`` or ``Config.load(**options)``; bad values raise ConfigError."""
+
+    db: tuple[str, ...] = _field(check=_databases, doc="database file(s) in the mount, e.g. 'app.db'")
+    mount_dir: str = _field(factory=_default_mount_dir, check=_str, doc="LiteFS mount (fuse.dir)")
+    target: str | None = _field(None, check=_target, doc="app behind the standalone proxy, e.g. localhost:8081")
+    addr: str = _field(":8080", check=_addr, doc="address the standalone proxy listens on")
+    passthrough: tuple[str, ...] = _field((), check=_str_list, doc="paths served as is, e.g. '/static/*'")
+    always_forward: tuple[str, ...] = _field((), check=_str_list, doc="read paths handled as writes")
+    max_lag: float = _duration(10.0, "lag over which /litefs/health answers 503 (0: off)")
+    primary_redirect_timeout: float = _duration(5.0, "how long a write waits for a primary to be known")
+    poll_interval: float = _duration(0.001, "how often a waiting read checks the position")
+    poll_timeout: float = _duration(5.0, "how long a read waits for its TXID before 504")
+    cookie_expiry: float = _duration(300.0, "lifetime of the __txid cookie")
+    connect_timeout: float = _duration(30.0, "how long a refused connection is retried before 502")
+    read_timeout: float = _duration(60.0, "longest silence from the primary or target before 504")
+    websocket_idle_timeout: float = _duration(300.0, "a WebSocket with no traffic this long is closed")
+    debug: bool = _field(False, check=_bool, doc="log each routing decision at DEBUG")
+    forward: str = _field(factory=_default_forward, check=_forward, doc="'fly-replay' or 'http'")
+    primary_url: str | None = _field(
+        None,
+        check=lambda v, n: None if v in (None, "") else _url(v, n, template=True),
+        doc="where writes are forwarded over HTTP; default http://{hostname}:{port}, and on "
+        "Fly.io http://{hostname}.vm.$FLY_APP_NAME.internal:{port}",
+    )
+    cookie_secret: str | None = _field(None, check=_optional_str, doc="signs the __txid cookie")
+    api_url: str | None = _field(None, check=_api_url, doc="LiteFS HTTP API, e.g. http://localhost:20202")
+    max_waiters: int = _field(0, check=_int, doc="reads allowed to wait at once per process (0: no bound)")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            object.__setattr__(self, field.name, field.metadata["check"](value, field.name))
+        if self.primary_url is None:
+            object.__setattr__(self, "primary_url", _default_primary_url())
+        if self.poll_interval <= 0:
+            raise ConfigError(f"poll_interval: must be more than zero, got {self.poll_interval!r}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def create(cls, options: Mapping[str, Any]) -> Config:
+        """Build from a mapping, with an error that names any unknown option."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {', '.join(cls.option_names())}")
+        return cls(**options)
+
+    @classmethod
+    def from_yaml(cls, path: str, env: Mapping[str, str] | None = None, expand_env: bool = True) -> Config:
+        """Build from a litefs.yml-style file: ``fuse.dir``, ``http.addr`` and ``proxy:``."""
+        return cls.create(read_yaml(path, env, expand_env))
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **options: Any) -> Config:
+        """Options from the file in ``LITEFS_WSGI_CONFIG``, then ``LITEFS_DIR`` and
+        ``LITEFS_PROXY_<OPTION>`` from the environment, then ``options``; later ones win."""
+        env = os.environ if env is None else env
+        merged: dict[str, Any] = {}
+        if env.get("LITEFS_WSGI_CONFIG"):
+            merged.update(read_yaml(env["LITEFS_WSGI_CONFIG"], env))
+        merged.update(options_from_env(env))
+        merged.update(options)
+        return cls.create(merged)
+
+
+def options_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Return the options set in the environment, as strings for Config to check."""
+    options = {}
+    if env.get("LITEFS_DIR"):
+        options["mount_dir"] = env["LITEFS_DIR"]
+    for name in Config.option_names():
+        value = env.get("LITEFS_PROXY_" + name.upper())
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def read_yaml(path: str, env: Mapping[str, str] | None = None, expand_env: bool = True) -> dict[str, Any]:
+    """Return the options a litefs.yml-style file sets; unknown keys in ``proxy:`` are errors."""
+    import yaml
+
+    env = os.environ if env is None else env
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r}: {exc.strerror}") from exc
+    if expand_env:
+        text = expand(text, env)
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+    options: dict[str, Any] = {}
+    proxy = doc.get("proxy") or {}
+    if not isinstance(proxy, dict):
+        raise ConfigError(f"config file {path!r}: 'proxy' must be a mapping")
+    known = {name.replace("_", "-"): name for name in Config.option_names()}
+    for key, value in proxy.items():
+        if key not in known or key == "mount-dir":
+            raise ConfigError(
+                f"config file {path!r}: unknown key proxy.{key}; known keys: "
+                + ", ".join(k for k in known if k != "mount-dir")
+            )
+        options[known[key]] = value
+    fuse, http = doc.get("fuse") or {}, doc.get("http") or {}
+    if isinstance(fuse, dict) and fuse.get("dir"):
+        options["mount_dir"] = fuse["dir"]
+    if isinstance(http, dict) and http.get("addr") and "api_url" not in options:
+        options["api_url"] = http["addr"]
+    return options
+
+
+_EXPR = re.compile(r"""^(\w+)\s*(==|!=)\s*(?:"(.*)"|'(.*)'|(\w+))$""")
+_DOLLAR = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z0-9_]+))")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Expand ``$VAR``, ``${VAR}``, ``${VAR == "value"}``, ``${VAR != 'value'}`` and
+    ``${A == B}`` as LiteFS does (an expression becomes ``true`` or ``false``)."""
+
+    def one(match: re.Match) -> str:
+        name = (match[1] if match[1] is not None else match[2]).strip()
+        expr = _EXPR.match(name)
+        if expr is None:
+            return env.get(name, "")
+        left = env.get(expr[1], "")
+        if expr[3] is not None:
+            right = expr[3]
+        elif expr[4] is not None:
+            right = expr[4]
+        else:
+            right = env.get(expr[5], "")
+        return "true" if (left == right) == (expr[2] == "==") else "false"
+
+    return _DOLLAR.sub(one, text)
+
+
+def describe_options() -> Iterable[tuple[str, Any, str]]:
+    """Yield (name, default, help) for every option, for the README and ``--help``."""
+    for field in dataclasses.fields(Config):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        yield field.name, default, field.metadata["doc"]

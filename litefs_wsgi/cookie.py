@@ -1,0 +1,75 @@
+"""The ``__txid`` cookie: read it from a request, write it on a response, optionally signed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping, Sequence
+
+from werkzeug.http import dump_cookie, parse_cookie
+
+from .txid import format_txid, parse_txid
+
+COOKIE_NAME = "__txid"
+_SIG_LEN = 32  # hex digits of HMAC-SHA256 kept: 128 bits
+
+
+def _sign(secret: bytes, payload: str) -> str:
+    return hmac.new(secret, payload.encode("ascii"), hashlib.sha256).hexdigest()[:_SIG_LEN]
+
+
+class TxidCookie:
+    """Reads and writes the positions of ``dbs`` in the ``__txid`` cookie.
+
+    With one database the value is LiteFS's: 16 hex digits. With several it is one such
+    TXID per database, in the order of ``dbs``, joined by ``-``. With a ``secret`` the value
+    is followed by ``.<expiry>.<signature>`` and anything unsigned, tampered with or expired
+    reads as no cookie at all.
+    """
+
+    def __init__(self, dbs: Sequence[str], expiry: float, secret: str | None = None) -> None:
+        self.dbs = tuple(dbs)
+        self.expiry = expiry
+        self.secret = secret.encode("utf-8") if secret else None
+
+    def read(self, environ: Mapping) -> dict[str, int] | None:
+        """The TXIDs the client must see, by database; None when there is no usable cookie
+        or every TXID in it is zero (nothing to wait for)."""
+        value = parse_cookie(environ).get(COOKIE_NAME)
+        if not value:
+            return None
+        if self.secret is not None:
+            value = self._verify(value)
+            if value is None:
+                return None
+        parts = value.split("-")
+        if len(parts) != len(self.dbs):
+            return None
+        txids = [parse_txid(part) for part in parts]
+        if None in txids or not any(txids):
+            return None
+        return dict(zip(self.dbs, txids))
+
+    def _verify(self, value: str) -> str | None:
+        payload, _, signature = value.rpartition(".")
+        txids, _, expires = payload.rpartition(".")
+        if not txids or len(expires) > 16 or not expires.isascii() or not expires.isalnum():
+            return None
+        if not hmac.compare_digest(signature.encode("ascii", "replace"), _sign(self.secret, payload).encode()):
+            return None
+        try:
+            if int(expires, 16) < time.time():
+                return None
+        except ValueError:
+            return None
+        return txids
+
+    def header(self, txids: Mapping[str, int], secure: bool) -> str:
+        """The ``Set-Cookie`` value for the positions ``txids`` (one per database)."""
+        value = "-".join(format_txid(txids[db]) for db in self.dbs)
+        expires = time.time() + self.expiry
+        if self.secret is not None:
+            payload = f"{value}.{int(expires):x}"
+            value = f"{payload}.{_sign(self.secret, payload)}"
+        return dump_cookie(COOKIE_NAME, value, expires=expires, path="/", httponly=True, secure=secure, samesite="Lax")

@@ -1,0 +1,119 @@
+"""Follow LiteFS's ``/events`` stream: positions and primary changes as they happen."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+
+import urllib3
+
+from .node import valid_hostname
+from .txid import parse_txid
+
+log = logging.getLogger("litefs_wsgi")
+
+# LiteFS sends nothing while the cluster is idle, so silence is no failure; the read timeout
+# only bounds how long a dead connection (no FIN ever arrives) can go unnoticed.
+READ_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 5.0
+MAX_LINE = 1 << 20
+
+
+class EventStream:
+    """A background thread reading ``{api_url}/events``, reconnecting with backoff.
+
+    While ``connected`` (an ``init`` event has arrived on the current connection) the stream
+    is the truth about the primary; ``txids`` holds the last TXID seen per database. Each
+    change calls ``on_change()`` so that waiters can be woken at once.
+    """
+
+    def __init__(self, api_url: str, on_change: Callable[[], None], max_backoff: float = 5.0) -> None:
+        self.url = api_url.rstrip("/") + "/events"
+        self.on_change = on_change
+        self.max_backoff = max_backoff
+        self.connected = False
+        self.is_primary = False
+        self.hostname: str | None = None
+        self.txids: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._http = urllib3.PoolManager(
+            num_pools=1,
+            maxsize=1,
+            retries=False,
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+        )
+        self._response = None
+        self._thread = threading.Thread(target=self._run, name="litefs-events", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread and drop the connection."""
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            response.close()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._follow()
+                backoff = 0.1  # the stream ended cleanly after working: reconnect soon
+            except Exception as exc:  # noqa: BLE001 - any failure means: files decide, retry later
+                if not self._stop.is_set():
+                    log.warning("LiteFS event stream %s: %s; using the mount's files meanwhile", self.url, exc)
+            self._set_disconnected()
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.max_backoff)
+
+    def _follow(self) -> None:
+        response = self._http.request("GET", self.url, preload_content=False, redirect=False)
+        self._response = response
+        try:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+            buffer = b""
+            for chunk in response.stream(4096):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._handle(line)
+                if len(buffer) > MAX_LINE:
+                    raise OSError("an event line over 1 MiB")
+        finally:
+            self._response = None
+            response.release_conn()
+
+    def _handle(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+            kind, data = event.get("type"), event.get("data") or {}
+        except (ValueError, AttributeError):
+            log.warning("ignoring a malformed LiteFS event: %r", line[:200])
+            return
+        if kind in ("init", "primaryChange") and isinstance(data, dict):
+            hostname = data.get("hostname") or None
+            if hostname is not None and not (isinstance(hostname, str) and valid_hostname(hostname)):
+                log.error("ignoring primary hostname %r from LiteFS events: not a plain host name", hostname)
+                hostname = None
+            self.is_primary, self.hostname = bool(data.get("isPrimary")), hostname
+            if kind == "init":
+                self.connected = True
+        elif kind == "tx" and isinstance(data, dict) and isinstance(event.get("db"), str):
+            txid = parse_txid(data.get("txID"))
+            if txid is not None and txid > self.txids.get(event["db"], -1):
+                self.txids[event["db"]] = txid
+        else:
+            return
+        self.on_change()
+
+    def _set_disconnected(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.on_change()

@@ -1,0 +1,218 @@
+"""Send a WSGI request to another HTTP server and relay its answer, streaming both ways."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from urllib.parse import quote, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.http import is_hop_by_hop_header, parse_list_header
+from werkzeug.wsgi import ClosingIterator, get_content_length, get_input_stream
+
+from .errors import error, status_line
+
+log = logging.getLogger("litefs_wsgi")
+
+# Set on a request that one node forwards to another. A node that is not the primary never
+# forwards such a request again, so two replicas that each think the other is the primary
+# cannot bounce a write between them. Fly.io's edge marks the requests it replays likewise.
+HOP_HEADER = "X-LiteFS-Forwarded"
+HOP_ENVIRON_KEY = "HTTP_" + HOP_HEADER.upper().replace("-", "_")
+
+CHUNK = 64 * 1024
+RETRY_REFUSED_EVERY = 0.1  # as LiteFS: the app behind may be restarting
+
+
+class Forwarder:
+    """An HTTP client for relaying WSGI requests, with one connection pool per process.
+
+    It is urllib3, the transport under requests, used directly: a requests ``Session``
+    would share a cookie jar between users, add ``User-Agent`` and ``Accept-Encoding``,
+    read proxy settings and ``.netrc`` from the environment and re-quote the URL, all wrong
+    for a proxy. Nothing is decompressed, no redirect is followed, and a request is sent at
+    most once: only a refused connection (no byte has left) is tried again, for up to
+    ``connect_timeout``.
+    """
+
+    def __init__(self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        # Each dial attempt is bounded too: a silent host must not hold the thread forever.
+        self._timeout = urllib3.Timeout(connect=min(connect_timeout, 5.0) or 5.0, read=read_timeout or None)
+        self._pools = urllib3.PoolManager(
+            num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=CHUNK
+        )
+
+    def close(self) -> None:
+        self._pools.clear()
+
+    def forward(self, environ: dict, start_response, base_url: str, mark: bool = False) -> Iterable[bytes]:
+        """Relay the request in ``environ`` to ``base_url`` and its answer to ``start_response``.
+
+        ``mark`` adds the hop header (a write going to the primary). Failures answer 502
+        ``Proxy error: …`` (504 when the other side stays silent past ``read_timeout``).
+        """
+        base = urlsplit(base_url)
+        pool = self._pools.connection_from_url(base_url)
+        body, chunked = request_body(environ)
+        headers = request_headers(environ, mark=mark, chunked=chunked)
+        target = base.path.rstrip("/") + request_target(environ)
+        method = environ["REQUEST_METHOD"]
+        try:
+            response = self._send(pool, method, target, body, headers, chunked)
+        except ClientDisconnected:
+            log.info("client went away while its request body was being forwarded to %s", base_url)
+            return error(start_response, 400, "Proxy error: client disconnected")
+        except ReadTimeoutError:
+            return error(
+                start_response, 504, f"Proxy error: no answer from {base.netloc} within {self.read_timeout:g}s"
+            )
+        except HTTPError as exc:
+            return error(start_response, 502, f"Proxy error: {describe(exc, base.netloc)}")
+        start_response(_status(response), response_headers(response))
+        return relay(response)
+
+    def _send(self, pool, method, target, body, headers, chunked):
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                return pool.urlopen(
+                    method,
+                    target,
+                    body=body,
+                    headers=headers,
+                    chunked=chunked,
+                    retries=False,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=False,
+                    decode_content=False,
+                    release_conn=False,
+                    timeout=self._timeout,
+                )
+            except NewConnectionError as exc:
+                if not refused(exc) or time.monotonic() + RETRY_REFUSED_EVERY > deadline:
+                    raise
+            time.sleep(RETRY_REFUSED_EVERY)
+
+
+def refused(exc: BaseException) -> bool:
+    """True when the connection was refused: nothing was sent, so trying again is safe."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe(exc: HTTPError, netloc: str) -> str:
+    """A one-line account of a failure to reach ``netloc``, for a 502 body and the log."""
+    if isinstance(exc, NewConnectionError):
+        if refused(exc):
+            return f"connection refused by {netloc}"
+        return f"cannot connect to {netloc}"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return f"timed out connecting to {netloc}"
+    return f"{netloc} closed the connection or sent a bad response ({type(exc).__name__})"
+
+
+def request_target(environ: dict) -> str:
+    """The request target as the client sent it, byte for byte when the server kept it."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw and raw.startswith("/") and not raw.startswith("//"):
+        return raw
+    path = quote(
+        (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"), safe="/:@!$&'()*+,;=~"
+    )
+    query = environ.get("QUERY_STRING")
+    return (path or "/") + ("?" + query if query else "")
+
+
+def _connection_tokens(value: str | None) -> set[str]:
+    return {token.lower() for token in parse_list_header(value or "")}
+
+
+def request_headers(environ: dict, mark: bool = False, chunked: bool = False) -> dict[str, str]:
+    """The headers to send on: hop-by-hop ones dropped, ``X-Forwarded-*`` added, ``Host`` kept."""
+    source = EnvironHeaders(environ)
+    drop = _connection_tokens(source.get("Connection")) | {HOP_HEADER.lower(), "content-length"}
+    headers: dict[str, str] = {}
+    for name, value in source.items():
+        lower = name.lower()
+        if lower in drop or is_hop_by_hop_header(name):
+            continue
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    length = get_content_length(environ)
+    if length is not None and not chunked:
+        headers["Content-Length"] = str(length)
+    remote = environ.get("REMOTE_ADDR")
+    if remote:
+        prior = headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+    headers.setdefault("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http"))
+    if "Host" in headers:
+        headers.setdefault("X-Forwarded-Host", headers["Host"])
+    if mark:
+        headers[HOP_HEADER] = "1"
+    return headers
+
+
+def request_body(environ: dict) -> tuple[object | None, bool]:
+    """(the body to send, whether to frame it chunked): a stream bounded by Content-Length,
+    chunks of a chunked upload, or nothing."""
+    chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
+    if chunked:
+        stream = get_input_stream(environ)
+        return _chunks(stream), True
+    length = get_content_length(environ)
+    if length:
+        return get_input_stream(environ), False
+    return None, False
+
+
+def _chunks(stream) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def response_headers(response) -> list[tuple[str, str]]:
+    """The answer's headers as sent, each repeated header (``Set-Cookie``) kept apart."""
+    drop = _connection_tokens(response.headers.get("Connection"))
+    return [
+        (name, value)
+        for name, value in response.headers.items()
+        if not is_hop_by_hop_header(name) and name.lower() not in drop
+    ]
+
+
+def _status(response) -> str:
+    return f"{response.status} {response.reason}" if response.reason else status_line(response.status)
+
+
+def relay(response) -> Iterable[bytes]:
+    """The answer's body, streamed, releasing the connection when the server is done with it."""
+    finished = []
+
+    def chunks() -> Iterator[bytes]:
+        if response.chunked:
+            # One item per chunk as it arrives, so server-sent events are not held back.
+            yield from response.stream(CHUNK, decode_content=False)
+        else:
+            while data := response.read1(CHUNK, decode_content=False):
+                yield data
+        finished.append(True)
+
+    def release() -> None:
+        if not finished:  # the client went away, or the server failed mid-answer
+            response.close()
+        response.release_conn()
+
+    return ClosingIterator(chunks(), release)

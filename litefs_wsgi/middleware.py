@@ -1,0 +1,228 @@
+"""The request rules of LiteFS's proxy (SPEC.md section 2), as a WSGI middleware."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+
+from . import errors
+from .config import Config
+from .cookie import TxidCookie
+from .forwarding import HOP_ENVIRON_KEY, Forwarder
+from .watcher import TooManyWaiters, Watcher, get_watcher, set_default_watcher
+
+log = logging.getLogger("litefs_wsgi")
+
+HEALTH_PATH = "/litefs/health"
+FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request body
+REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
+FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
+
+
+class ReplayOnPrimary(HTTPException):
+    """Raise in a view that must write during a GET (a login callback, a visit counter):
+    on a replica, LiteFSMiddleware sends the request to the primary instead. Flask and
+    werkzeug apps turn it into a response by themselves; Django: see ``litefs_wsgi.django``.
+    Without the middleware the client gets this 503.
+    """
+
+    code = 503
+    description = "This request must run on the LiteFS primary, but LiteFSMiddleware is not installed."
+
+    def get_headers(self, environ=None, scope=None) -> list[tuple[str, str]]:
+        return [*super().get_headers(environ, scope), (REPLAY_HEADER, "1")]
+
+
+def compile_patterns(patterns: Iterable[str]) -> re.Pattern | None:
+    """LiteFS's path patterns: ``*`` matches any characters (``/`` too); the rest is literal."""
+    parts = ["(?:" + ".*".join(re.escape(piece) for piece in p.split("*")) + ")" for p in patterns]
+    return re.compile("|".join(parts), re.DOTALL) if parts else None
+
+
+def local_port(environ: dict) -> str:
+    """The port this request came in on (gunicorn's SERVER_PORT follows the Host header)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            return str(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError):
+            pass
+    return str(environ.get("SERVER_PORT", "80"))
+
+
+class LiteFSMiddleware:
+    """Make a WSGI app behave on a LiteFS cluster, as LiteFS's proxy does, in-process.
+
+    Writes (every method but GET and HEAD) run on the primary, which answers them with a
+    ``__txid`` cookie holding the database position after the write; on a replica they are
+    sent to the primary (``fly-replay`` on Fly.io, HTTP elsewhere). A read carrying the
+    cookie waits until this node has replicated that far, so a client always reads its own
+    writes. ``GET /litefs/health`` reports the replication lag.
+
+    .. code-block:: python
+
+        from litefs_wsgi import LiteFSMiddleware
+
+        app.wsgi_app = LiteFSMiddleware(app.wsgi_app, db="app.db")          # Flask
+        application = LiteFSMiddleware(get_wsgi_application(), db="app.db")  # Django
+
+    Options are those of :class:`~litefs_wsgi.config.Config`, given as keyword arguments
+    or as ``config``; the file in ``LITEFS_WSGI_CONFIG`` and ``LITEFS_PROXY_*`` variables
+    fill in the rest. A bad option raises ConfigError here, not at the first request.
+    """
+
+    def __init__(self, app, config: Config | None = None, *, forwarder: Forwarder | None = None, **options: Any):
+        if config is not None and options:
+            raise TypeError("pass either config or keyword options, not both")
+        self.app = app
+        self.config = config = config if config is not None else Config.load(**options)
+        self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url, config.max_waiters)
+        set_default_watcher(self.watcher)
+        self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)
+        self.forwarder = forwarder or Forwarder(config.connect_timeout, config.read_timeout)
+        self._passthrough = compile_patterns(config.passthrough)
+        self._always_forward = compile_patterns(config.always_forward)
+        if config.debug:
+            log.setLevel(logging.DEBUG)
+
+    def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
+        # The hop marker is ours and never reaches the app. From a client it can only make
+        # this node refuse to forward, never choose where a request goes.
+        marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
+        replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if self._passthrough is not None and self._passthrough.fullmatch(path):
+            self._debug("passthrough", method, path)
+            return self.app(environ, start_response)
+        if method == "GET" and path == HEALTH_PATH:
+            return self._health(start_response)
+        if (
+            marked
+            or method not in ("GET", "HEAD")
+            or (self._always_forward is not None and self._always_forward.fullmatch(path))
+        ):
+            return self._write(environ, start_response, method, path, replayed)
+        return self._read(environ, start_response, method, path, replayed)
+
+    def _debug(self, decision: str, method: str, path: str, *details: Any) -> None:
+        if self.config.debug:
+            log.debug("%s %s: %s%s", method, path, decision, "".join(f" {d}" for d in details))
+
+    def _health(self, start_response) -> Iterable[bytes]:
+        lag = self.watcher.node.lag()
+        max_lag_ms = self.config.max_lag * 1000
+        if self.config.max_lag and (lag is None or lag > max_lag_ms):
+            return errors.error(start_response, 503, "Replication lag exceeded")
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "3")])
+        return [b"OK\n"]
+
+    def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
+        targets = self.cookie.read(environ)
+        if targets:
+            try:
+                reached = self.watcher.wait(targets, self.config.poll_timeout)
+            except TooManyWaiters:
+                self._debug("refused, too many waiting", method, path)
+                return errors.error(
+                    start_response,
+                    503,
+                    "Proxy error: too many requests waiting for replication",
+                    [("Retry-After", "1")],
+                )
+            if not reached:
+                self._log_timeout(targets)
+                return errors.error(start_response, 504, errors.TIMEOUT)
+        self._debug("read", method, path, targets or "")
+        if replayed and self.watcher.role()[0]:
+            # Fly.io replayed it here from a replica, as a view asked: the client needs the
+            # position after whatever the view writes.
+            return self._serve_write(environ, start_response)
+        return self._serve_read(environ, start_response, method, path)
+
+    def _log_timeout(self, targets: dict[str, int]) -> None:
+        for db, target in targets.items():
+            txid = self.watcher.txid(db) or 0
+            if target - txid > FAR_AHEAD:
+                log.warning(
+                    "a __txid cookie asks for %s at TXID %d, %d ahead of this node: forged or stale?",
+                    db,
+                    target,
+                    target - txid,
+                )
+            else:
+                log.info("read timed out waiting for %s to reach TXID %d (at %d)", db, target, txid)
+
+    def _serve_read(self, environ, start_response, method, path) -> Iterable[bytes]:
+        """Call the app; a view that raises ReplayOnPrimary gets its request sent to the primary."""
+        replay: list[bool] = []
+
+        def intercept(status, headers, exc_info=None):
+            if any(name == REPLAY_HEADER for name, _ in headers):
+                replay.append(True)
+                return lambda data: None
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, intercept)
+        if not replay:
+            return result
+        if hasattr(result, "close"):
+            result.close()
+        is_primary, _ = self.watcher.role()
+        if is_primary:  # the view should not have asked; serve what it would have written
+            log.error("ReplayOnPrimary raised on the primary for %s %s", method, path)
+            return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
+        self._debug("replayed on the primary by the app", method, path)
+        return self._write(environ, start_response, method, path, replayed=False)
+
+    def _write(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
+        is_primary, primary = self.watcher.role()
+        if not is_primary and (primary is None or replayed):
+            # An election; or a request another node already sent here, while two nodes may
+            # each name the other (a failover): wait for a primary, and for a replayed
+            # request, for this node to become it. Never forward a request twice.
+            is_primary, primary = self.watcher.wait_for_role(
+                self.config.primary_redirect_timeout, need_primary=replayed
+            )
+            if not is_primary and (primary is None or replayed):
+                self._debug("no primary", method, path, "(already forwarded once)" if replayed else "")
+                return errors.error(start_response, 503, errors.NO_PRIMARY)
+        if is_primary:
+            self._debug("write on the primary", method, path)
+            return self._serve_write(environ, start_response)
+        if self.config.forward == "fly-replay" and _replayable(environ):
+            self._debug("fly-replay", method, path, primary)
+            start_response("200 OK", [("fly-replay", f"instance={primary}"), ("Content-Length", "0")])
+            return [b""]
+        url = self.config.primary_url.format(hostname=primary, port=local_port(environ))
+        self._debug("forward", method, path, url)
+        return self.forwarder.forward(environ, start_response, url, mark=True)
+
+    def _serve_write(self, environ, start_response) -> Iterable[bytes]:
+        secure = environ.get("wsgi.url_scheme") == "https"
+
+        def add_cookie(status, headers, exc_info=None):
+            # The position is read when the response starts: the app has committed by then.
+            txids = {db: self.watcher.txid(db) for db in self.config.db}
+            if any(txid is not None for txid in txids.values()):
+                headers = [
+                    *headers,
+                    ("Set-Cookie", self.cookie.header({db: txid or 0 for db, txid in txids.items()}, secure)),
+                ]
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, add_cookie)
+
+
+def _replayable(environ: dict) -> bool:
+    """True when Fly.io's edge can replay the request: a known body length up to 1 MB."""
+    if "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower():
+        return False
+    try:
+        return int(environ.get("CONTENT_LENGTH") or 0) <= FLY_REPLAY_MAX_BODY
+    except ValueError:
+        return False

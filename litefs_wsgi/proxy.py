@@ -1,0 +1,61 @@
+"""The standalone proxy: every request goes to ``target`` behind LiteFS's rules.
+
+Served by gunicorn's threaded workers: ``gunicorn -c gunicorn.conf.py`` from the repository
+root, or ``litefs-wsgi serve``. Options come from the litefs.yml-style file named in
+``LITEFS_WSGI_CONFIG`` and from ``LITEFS_PROXY_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from .config import Config, ConfigError
+from .forwarding import Forwarder
+from .middleware import LiteFSMiddleware
+from .websocket import is_websocket_upgrade, tunnel
+
+
+class TargetApp:
+    """A WSGI app that relays each request to ``target``; WebSocket upgrades are piped."""
+
+    def __init__(self, target: str, forwarder: Forwarder, websocket_idle_timeout: float) -> None:
+        self.target = target
+        self.forwarder = forwarder
+        self.websocket_idle_timeout = websocket_idle_timeout
+
+    def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
+        if is_websocket_upgrade(environ) and "gunicorn.socket" in environ:
+            return tunnel(environ, start_response, self.target, self.forwarder, self.websocket_idle_timeout)
+        return self.forwarder.forward(environ, start_response, self.target)
+
+
+def make_application(config: Config | None = None, pool_size: int | None = None) -> LiteFSMiddleware:
+    """Build the proxy; ``pool_size`` defaults to ``LITEFS_WSGI_POOL_SIZE`` (set by
+    gunicorn.conf.py to the worker's thread count), else 10."""
+    config = config if config is not None else Config.load()
+    if not config.target:
+        raise ConfigError(
+            "target: the standalone proxy needs the app to forward to; set proxy.target in the file "
+            "named by LITEFS_WSGI_CONFIG, or LITEFS_PROXY_TARGET=localhost:8081"
+        )
+    if pool_size is None:
+        pool_size = int(os.environ.get("LITEFS_WSGI_POOL_SIZE") or 10)
+    forwarder = Forwarder(config.connect_timeout, config.read_timeout, pool_size)
+    return LiteFSMiddleware(
+        TargetApp(config.target, forwarder, config.websocket_idle_timeout), config, forwarder=forwarder
+    )
+
+
+_application: LiteFSMiddleware | None = None
+
+
+def __getattr__(name: str):
+    # Built on first access, so that importing this module needs no configuration; gunicorn
+    # reads ``application`` when the worker boots, and a bad option stops it there.
+    global _application
+    if name == "application":
+        if _application is None:
+            _application = make_application()
+        return _application
+    raise AttributeError(name)

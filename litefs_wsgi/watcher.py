@@ -1,0 +1,189 @@
+"""Waiting for replication: one thread per process wakes every request whose TXID has arrived."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+from .events import EventStream
+from .node import Node
+
+# With the event stream a waiter is woken by the tx event, but LiteFS sends nothing while
+# idle and a slow reader is disconnected: the file is still read this often.
+EVENT_FALLBACK_INTERVAL = 0.05
+
+
+class TooManyWaiters(Exception):
+    """``max_waiters`` reads are already waiting in this process."""
+
+
+class _Waiter:
+    __slots__ = ("targets", "done")
+
+    def __init__(self, targets: Mapping[str, int]) -> None:
+        self.targets = dict(targets)
+        self.done = threading.Event()
+
+
+class Watcher:
+    """Where a request learns the node's role and positions, and waits for them to change.
+
+    Positions are read from the mount's ``-pos`` files and, with ``api_url``, from LiteFS's
+    event stream (the higher of the two wins). A single thread reads them once per
+    ``poll_interval``, and only while some request waits; each waiter blocks on its own
+    event and is woken as soon as all of its TXIDs are reached.
+    """
+
+    def __init__(
+        self, node: Node, poll_interval: float = 0.001, api_url: str | None = None, max_waiters: int = 0
+    ) -> None:
+        self.node = node
+        self.poll_interval = poll_interval
+        self.max_waiters = max_waiters
+        self._cond = threading.Condition()
+        self._waiters: list[_Waiter] = []
+        self._thread: threading.Thread | None = None
+        self._changed = False
+        self.events = EventStream(api_url, self._on_event) if api_url else None
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+    # -- state -------------------------------------------------------------------------
+
+    def txid(self, db: str) -> int | None:
+        """The database's TXID, or None when it does not exist (or cannot be read)."""
+        pos = self.node.pos(db)
+        txid = pos.txid if pos is not None else None
+        if self.events is not None and db in self.events.txids:
+            txid = max(txid or 0, self.events.txids[db])
+        return txid
+
+    def role(self) -> tuple[bool, str | None]:
+        """(this node is the primary, the primary's hostname when it is another node)."""
+        events = self.events
+        if events is not None and events.connected:
+            return events.is_primary, (None if events.is_primary else events.hostname)
+        primary = self.node.primary()
+        return (primary is None and self.node.is_primary()), primary
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def reached(self, targets: Mapping[str, int]) -> bool:
+        """True when every database has reached its TXID (or does not exist: nothing to wait for)."""
+        for db, target in targets.items():
+            txid = self.txid(db)
+            if txid is not None and txid < target:
+                return False
+        return True
+
+    def wait(self, targets: Mapping[str, int], timeout: float) -> bool:
+        """Block until every database in ``targets`` reaches its TXID; False after ``timeout``.
+
+        Raises TooManyWaiters at once when ``max_waiters`` requests already wait.
+        """
+        if self.reached(targets):
+            return True
+        waiter = _Waiter(targets)
+        with self._cond:
+            if self.max_waiters and len(self._waiters) >= self.max_waiters:
+                raise TooManyWaiters()
+            self._waiters.append(waiter)
+            self._changed = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll, name="litefs-watcher", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            return waiter.done.wait(timeout) or self.reached(targets)
+        finally:
+            with self._cond:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def wait_for_role(self, timeout: float, need_primary: bool = False, step: float = 0.01) -> tuple[bool, str | None]:
+        """The node's role, waiting up to ``timeout`` while no primary is known (an
+        election) or, with ``need_primary``, until this node is the primary."""
+        deadline = time.monotonic() + timeout
+        while True:
+            is_primary, hostname = self.role()
+            remaining = deadline - time.monotonic()
+            if is_primary or (hostname is not None and not need_primary) or remaining <= 0:
+                return is_primary, hostname
+            with self._cond:
+                self._cond.wait(min(step, remaining))
+
+    def _on_event(self) -> None:
+        with self._cond:
+            self._changed = True
+            self._cond.notify_all()
+
+    def _poll(self) -> None:
+        interval = self.poll_interval
+        if self.events is not None:
+            interval = max(interval, EVENT_FALLBACK_INTERVAL)
+        last: dict[str, int | None] = {}
+        while True:
+            with self._cond:
+                if not self._waiters:
+                    self._thread = None
+                    return
+                waiters = list(self._waiters)
+                changed, self._changed = self._changed, False
+            dbs = {db for waiter in waiters for db in waiter.targets}
+            now = {db: self.txid(db) for db in dbs}
+            if changed or now != {db: last.get(db) for db in dbs}:
+                for waiter in waiters:
+                    if all(now[db] is None or now[db] >= t for db, t in waiter.targets.items()):
+                        waiter.done.set()
+            last = now
+            with self._cond:
+                if self._waiters and not self._changed:
+                    self._cond.wait(interval)
+
+
+_watchers: dict[tuple, Watcher] = {}
+_watchers_lock = threading.Lock()
+
+
+def get_watcher(mount_dir: str, poll_interval: float, api_url: str | None = None, max_waiters: int = 0) -> Watcher:
+    """The process's one watcher for this mount and settings, made on first use."""
+    key = (mount_dir, poll_interval, api_url, max_waiters)
+    with _watchers_lock:
+        watcher = _watchers.get(key)
+        if watcher is None:
+            watcher = _watchers[key] = Watcher(Node(mount_dir), poll_interval, api_url, max_waiters)
+        return watcher
+
+
+_default: Watcher | None = None
+
+
+def set_default_watcher(watcher: Watcher) -> None:
+    """Make ``watcher`` the one that ``is_primary()`` and ``primary_hostname()`` consult."""
+    global _default
+    _default = watcher
+
+
+def default_watcher() -> Watcher:
+    """The watcher of the last LiteFSMiddleware made, else one for ``LITEFS_DIR``."""
+    if _default is not None:
+        return _default
+    return get_watcher(os.environ.get("LITEFS_DIR") or "/litefs", 0.001)
+
+
+def is_primary() -> bool:
+    """True when this node is the LiteFS primary (no mount at all counts as primary)."""
+    return default_watcher().role()[0]
+
+
+def primary_hostname() -> str | None:
+    """The primary's hostname when this node is a replica that knows it, else None."""
+    return default_watcher().role()[1]
