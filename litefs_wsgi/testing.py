@@ -97,6 +97,9 @@ class LiteFSMount:
 
     def replicate(self, source: LiteFSMount, db: str) -> int | None:
         """Copy ``db`` from ``source`` then its position: what a replica does on each sync."""
+        # The position is read before the copy: a commit landing in between must not be
+        # announced here before its data is (the copy is then at or past the position).
+        txid = source.position(db)
         if os.path.exists(source.db_path(db)):
             src, dst = sqlite3.connect(source.db_path(db)), sqlite3.connect(self.db_path(db))
             try:
@@ -104,7 +107,6 @@ class LiteFSMount:
             finally:
                 src.close()
                 dst.close()
-        txid = source.position(db)
         if txid is not None:
             self.set_position(db, txid)
         return txid
