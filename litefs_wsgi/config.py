@@ -234,6 +234,8 @@ class Config:
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
             raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {', '.join(cls.option_names())}")
+        if "db" not in options:  # else a TypeError that does not say how to set it
+            raise ConfigError("db: name the database file in the LiteFS mount, e.g. db='app.db' or LITEFS_PROXY_DB")
         return cls(**options)
 
     @classmethod
