@@ -19,6 +19,16 @@ def _sign(secret: bytes, payload: str) -> str:
     return hmac.new(secret, payload.encode("ascii"), hashlib.sha256).hexdigest()[:_SIG_LEN]
 
 
+def _parse(environ: Mapping):
+    try:
+        return parse_cookie(environ)
+    except UnicodeError:
+        # werkzeug raises on a header that is not UTF-8; Go skips only the bad bytes' cookie,
+        # so a read must neither fail nor lose its __txid over another cookie's stray bytes.
+        raw = environ.get("HTTP_COOKIE", "").encode("latin-1", "replace")
+        return parse_cookie(raw.decode("utf-8", "replace").encode("utf-8").decode("latin-1"))
+
+
 class TxidCookie:
     """Reads and writes the positions of ``dbs`` in the ``__txid`` cookie.
 
@@ -36,7 +46,7 @@ class TxidCookie:
     def read(self, environ: Mapping) -> dict[str, int] | None:
         """The TXIDs the client must see, by database; None when there is no usable cookie
         or every TXID in it is zero (nothing to wait for)."""
-        value = parse_cookie(environ).get(COOKIE_NAME)
+        value = _parse(environ).get(COOKIE_NAME)
         if not value:
             return None
         if self.secret is not None:
