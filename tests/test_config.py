@@ -1,0 +1,404 @@
+"""Options: LiteFS's defaults, Go durations, litefs.yml files, the environment, errors naming the option."""
+
+import os
+import textwrap
+
+import pytest
+
+from litefs_wsgi import Config, ConfigError, LiteFSMiddleware
+from litefs_wsgi.config import expand, parse_duration, read_yaml
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No LiteFS or Fly.io variable from the machine running the tests leaks in."""
+    for name in list(os.environ):
+        if name.startswith(("LITEFS_", "FLY_")):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path, text, name="litefs.yml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b""]
+
+
+# -- defaults ------------------------------------------------------------------------------
+
+
+def test_defaults_are_litefs_defaults():
+    config = Config(db="app.db")
+    assert config.db == ("app.db",)
+    assert config.mount_dir == "/litefs"
+    assert config.target is None
+    assert config.addr == ":8080"
+    assert config.passthrough == ()
+    assert config.always_forward == ()
+    assert config.max_lag == 10.0
+    assert config.primary_redirect_timeout == 5.0
+    assert config.poll_interval == 0.001
+    assert config.poll_timeout == 5.0
+    assert config.cookie_expiry == 300.0
+    assert config.connect_timeout == 30.0
+    assert config.debug is False
+    assert config.forward == "http"
+    assert config.primary_url == "http://{hostname}:{port}"
+    assert config.cookie_secret is None
+    assert config.api_url is None
+    assert config.max_waiters == 0
+
+
+def test_every_option_is_tested_above():
+    # A new option must get its default checked in test_defaults_are_litefs_defaults.
+    assert set(Config.option_names()) == {
+        "db", "mount_dir", "target", "addr", "passthrough", "always_forward", "max_lag",
+        "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
+        "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
+        "primary_url", "cookie_secret", "api_url", "max_waiters",
+    }  # fmt: skip
+
+
+def test_mount_dir_default_from_litefs_dir(monkeypatch):
+    monkeypatch.setenv("LITEFS_DIR", "/mnt/dbs")
+    assert Config(db="app.db").mount_dir == "/mnt/dbs"
+
+
+def test_on_fly_forward_is_fly_replay_and_primary_url_is_the_private_network(monkeypatch):
+    monkeypatch.setenv("FLY_APP_NAME", "my-app")
+    config = Config(db="app.db")
+    assert config.forward == "fly-replay"
+    assert config.primary_url == "http://{hostname}.vm.my-app.internal:{port}"
+    assert Config(db="app.db", forward="http").forward == "http"
+
+
+def test_empty_fly_app_name_is_not_fly(monkeypatch):
+    monkeypatch.setenv("FLY_APP_NAME", "")
+    assert Config(db="app.db").forward == "http"
+
+
+def test_several_databases():
+    assert Config(db=["a.db", "b.db"]).db == ("a.db", "b.db")
+
+
+# -- durations -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (5, 5.0),
+        (0.25, 0.25),
+        (0, 0.0),
+        ("5", 5.0),
+        ("0.5", 0.5),
+        ("0", 0.0),
+        ("5s", 5.0),
+        ("250ms", 0.25),
+        ("1m30s", 90.0),
+        ("1h", 3600.0),
+        ("1.5h", 5400.0),
+        ("1h2m3s4ms", 3723.004),
+        ("100us", 0.0001),
+        ("100µs", 0.0001),
+        ("1000000ns", 0.001),
+        (".5s", 0.5),
+        ("+5s", 5.0),
+        (" 5s ", 5.0),
+    ],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["-5s", "-1", -1, -0.5, "5x", "5 s", "s", "", "-", "1m-30s", "abc", "inf", "nan", float("nan"), True, None, [5]],
+)
+def test_bad_durations_are_errors_naming_the_option(value):
+    with pytest.raises(ConfigError, match="^poll_timeout: "):
+        Config(db="app.db", poll_timeout=value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["max_lag", "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry", "connect_timeout"],
+)
+def test_every_duration_option_takes_go_strings(name):
+    assert getattr(Config(db="app.db", **{name: "1m30s"}), name) == 90.0
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        Config(db="app.db", **{name: "-1s"})
+
+
+def test_poll_interval_zero_is_an_error():
+    with pytest.raises(ConfigError, match="^poll_interval: "):
+        Config(db="app.db", poll_interval=0)
+
+
+# -- other checks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"db": ""}, "db"),
+        ({"db": []}, "db"),
+        ({"db": "sub/app.db"}, "db"),
+        ({"db": ".hidden"}, "db"),
+        ({"db": ["a.db", "a.db"]}, "db"),
+        ({"db": 5}, "db"),
+        ({"forward": "replay"}, "forward"),
+        ({"primary_url": "http://primary:8080"}, "primary_url"),  # no {hostname}
+        ({"primary_url": "http://{host}:{port}"}, "primary_url"),
+        ({"primary_url": "ftp://{hostname}"}, "primary_url"),
+        ({"primary_url": "http://{hostname}/?a=1"}, "primary_url"),
+        ({"addr": "8080"}, "addr"),
+        ({"addr": ":99999"}, "addr"),
+        ({"target": "ftp://app"}, "target"),
+        ({"api_url": "ftp://x"}, "api_url"),
+        ({"debug": "maybe"}, "debug"),
+        ({"max_waiters": -1}, "max_waiters"),
+        ({"max_waiters": "many"}, "max_waiters"),
+        ({"passthrough": [1]}, "passthrough"),
+        ({"always_forward": 5}, "always_forward"),
+        ({"cookie_secret": 5}, "cookie_secret"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_option(options, name):
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        Config(**{"db": "app.db", **options})
+
+
+def test_unknown_option_names_itself():
+    with pytest.raises(ConfigError, match="unknown option 'poll_timout'"):
+        Config.create({"db": "app.db", "poll_timout": 5})
+
+
+def test_missing_db_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="db"):
+        Config.create({})
+
+
+def test_target_and_api_url_take_litefs_host_port():
+    config = Config(db="app.db", target="localhost:8081", api_url=":20202")
+    assert config.target == "http://localhost:8081"
+    assert config.api_url == "http://localhost:20202"
+    assert Config(db="app.db", target=":8081").target == "http://localhost:8081"
+
+
+def test_middleware_raises_at_construction(tmp_path):
+    with pytest.raises(ConfigError, match="^poll_timeout: "):
+        LiteFSMiddleware(app, db="app.db", mount_dir=str(tmp_path), poll_timeout="soon")
+    with pytest.raises(ConfigError, match="unknown option 'pol_timeout'"):
+        LiteFSMiddleware(app, db="app.db", mount_dir=str(tmp_path), pol_timeout=5)
+    with pytest.raises(ConfigError, match="db"):
+        LiteFSMiddleware(app, mount_dir=str(tmp_path))
+
+
+# -- litefs.yml ----------------------------------------------------------------------------
+
+
+def test_yaml_in_litefs_format(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        fuse:
+          dir: "/mnt/litefs"
+        data:
+          dir: "/var/lib/litefs"
+        http:
+          addr: ":20202"
+        lease:
+          type: "consul"
+          candidate: true
+        exec:
+          - cmd: "gunicorn app:app"
+        proxy:
+          addr: ":8080"
+          target: "localhost:8081"
+          db: "app.db"
+          passthrough: ["/static/*", "*.png"]
+          always-forward: ["/login"]
+          max-lag: "2s"
+          primary-redirect-timeout: "250ms"
+          poll-interval: 2ms
+          poll-timeout: 1m30s
+          cookie-expiry: 10m
+          connect-timeout: 3
+          debug: true
+          forward: http
+          primary-url: "http://{hostname}.internal:{port}"
+          max-waiters: 50
+        """,
+    )
+    config = Config.from_yaml(path)
+    assert config.mount_dir == "/mnt/litefs"
+    assert config.api_url == "http://localhost:20202"
+    assert config.addr == ":8080"
+    assert config.target == "http://localhost:8081"
+    assert config.db == ("app.db",)
+    assert config.passthrough == ("/static/*", "*.png")
+    assert config.always_forward == ("/login",)
+    assert config.max_lag == 2.0
+    assert config.primary_redirect_timeout == 0.25
+    assert config.poll_interval == 0.002
+    assert config.poll_timeout == 90.0
+    assert config.cookie_expiry == 600.0
+    assert config.connect_timeout == 3.0
+    assert config.debug is True
+    assert config.forward == "http"
+    assert config.primary_url == "http://{hostname}.internal:{port}"
+    assert config.max_waiters == 50
+
+
+def test_yaml_api_url_wins_over_http_addr(tmp_path):
+    path = write(tmp_path, "http:\n  addr: ':20202'\nproxy:\n  db: app.db\n  api-url: http://127.0.0.1:3000\n")
+    assert Config.from_yaml(path).api_url == "http://127.0.0.1:3000"
+
+
+def test_yaml_without_http_section_has_no_api_url(tmp_path):
+    assert Config.from_yaml(write(tmp_path, "proxy:\n  db: app.db\n")).api_url is None
+
+
+@pytest.mark.parametrize("key", ["poll_timeout", "mount-dir", "dir", "bogus"])
+def test_yaml_unknown_proxy_key_is_an_error_naming_it(tmp_path, key):
+    path = write(tmp_path, f"proxy:\n  db: app.db\n  {key}: 5\n")
+    with pytest.raises(ConfigError, match=f"proxy.{key}"):
+        Config.from_yaml(path)
+
+
+def test_yaml_bad_value_names_the_option(tmp_path):
+    path = write(tmp_path, "proxy:\n  db: app.db\n  poll-timeout: -5s\n")
+    with pytest.raises(ConfigError, match="^poll_timeout: "):
+        Config.from_yaml(path)
+
+
+@pytest.mark.parametrize("text", ["proxy: [1, 2\n", "- a\n- b\n", "proxy: 5\n"])
+def test_yaml_malformed_is_an_error(tmp_path, text):
+    with pytest.raises(ConfigError, match="config file"):
+        Config.from_yaml(write(tmp_path, text))
+
+
+def test_yaml_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yml"):
+        Config.from_yaml(str(tmp_path / "nope.yml"))
+
+
+# -- environment expansion, as LiteFS ------------------------------------------------------
+
+
+ENV = {"FLY_REGION": "ams", "PRIMARY_REGION": "ams", "OTHER": "lhr", "APP": "my-app", "DIR": "/mnt/x"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expanded"),
+    [
+        ("$APP", "my-app"),
+        ("${APP}", "my-app"),
+        ("${ APP }", "my-app"),
+        ("http://$APP.internal", "http://my-app.internal"),
+        ("litefs/${APP}/key", "litefs/my-app/key"),
+        ("$MISSING", ""),
+        ("${MISSING}", ""),
+        ('${FLY_REGION == "ams"}', "true"),
+        ('${FLY_REGION == "lhr"}', "false"),
+        ("${FLY_REGION != 'lhr'}", "true"),
+        ("${FLY_REGION != 'ams'}", "false"),
+        ("${FLY_REGION == PRIMARY_REGION}", "true"),
+        ("${FLY_REGION == OTHER}", "false"),
+        ("${FLY_REGION != OTHER}", "true"),
+        ("${FLY_REGION==PRIMARY_REGION}", "true"),
+        ('${MISSING == ""}', "true"),
+        ("no dollars", "no dollars"),
+    ],
+)
+def test_expand_as_litefs(text, expanded):
+    assert expand(text, ENV) == expanded
+
+
+def test_yaml_expands_environment(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        fuse:
+          dir: "${DIR}"
+        lease:
+          candidate: ${FLY_REGION == PRIMARY_REGION}
+        proxy:
+          db: "$APP.db"
+          debug: ${FLY_REGION == "ams"}
+          primary-url: "http://{hostname}.vm.${APP}.internal:{port}"
+        """,
+    )
+    options = read_yaml(path, ENV)
+    assert options == {
+        "mount_dir": "/mnt/x",
+        "db": "my-app.db",
+        "debug": True,
+        "primary_url": "http://{hostname}.vm.my-app.internal:{port}",
+    }
+    assert read_yaml(path, ENV, expand_env=False)["db"] == "$APP.db"
+
+
+# -- environment overrides -----------------------------------------------------------------
+
+
+def test_env_overrides(monkeypatch):
+    monkeypatch.setenv("LITEFS_DIR", "/mnt/dbs")
+    monkeypatch.setenv("LITEFS_PROXY_DB", "app.db")
+    monkeypatch.setenv("LITEFS_PROXY_TARGET", "localhost:9000")
+    monkeypatch.setenv("LITEFS_PROXY_POLL_TIMEOUT", "250ms")
+    monkeypatch.setenv("LITEFS_PROXY_PASSTHROUGH", "/static/*, *.png")
+    monkeypatch.setenv("LITEFS_PROXY_DEBUG", "true")
+    monkeypatch.setenv("LITEFS_PROXY_MAX_WAITERS", "7")
+    config = Config.load()
+    assert config.mount_dir == "/mnt/dbs"
+    assert config.db == ("app.db",)
+    assert config.target == "http://localhost:9000"
+    assert config.poll_timeout == 0.25
+    assert config.passthrough == ("/static/*", "*.png")
+    assert config.debug is True
+    assert config.max_waiters == 7
+
+
+def test_bad_env_value_names_the_option(monkeypatch):
+    monkeypatch.setenv("LITEFS_PROXY_MAX_LAG", "ten seconds")
+    with pytest.raises(ConfigError, match="^max_lag: "):
+        Config.load(db="app.db")
+
+
+def test_precedence_file_then_env_then_arguments(tmp_path, monkeypatch):
+    path = write(
+        tmp_path,
+        "fuse:\n  dir: /from/file\nproxy:\n  db: file.db\n  poll-timeout: 1s\n  max-lag: 1s\n  cookie-expiry: 1s\n",
+    )
+    monkeypatch.setenv("LITEFS_WSGI_CONFIG", path)
+    config = Config.load()
+    assert (config.mount_dir, config.db, config.poll_timeout) == ("/from/file", ("file.db",), 1.0)
+
+    monkeypatch.setenv("LITEFS_DIR", "/from/env")
+    monkeypatch.setenv("LITEFS_PROXY_POLL_TIMEOUT", "2s")
+    monkeypatch.setenv("LITEFS_PROXY_MAX_LAG", "2s")
+    config = Config.load(max_lag=3)
+    assert config.mount_dir == "/from/env"
+    assert config.db == ("file.db",)
+    assert config.poll_timeout == 2.0
+    assert config.max_lag == 3.0
+    assert config.cookie_expiry == 1.0
+
+
+def test_middleware_reads_litefs_wsgi_config(tmp_path, monkeypatch):
+    path = write(tmp_path, f"fuse:\n  dir: {tmp_path}\nproxy:\n  db: app.db\n  poll-timeout: 7s\n")
+    monkeypatch.setenv("LITEFS_WSGI_CONFIG", path)
+    middleware = LiteFSMiddleware(app)
+    assert middleware.config.poll_timeout == 7.0
+    assert middleware.config.mount_dir == str(tmp_path)
+
+
+def test_middleware_refuses_config_and_options():
+    with pytest.raises(TypeError):
+        LiteFSMiddleware(app, Config(db="app.db"), db="app.db")
