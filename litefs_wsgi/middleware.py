@@ -117,7 +117,9 @@ class LiteFSMiddleware:
         lag = self.watcher.node.lag()
         max_lag_ms = self.config.max_lag * 1000
         if self.config.max_lag and (lag is None or lag > max_lag_ms):
+            self._debug("health: lag exceeded", "GET", HEALTH_PATH, lag)
             return errors.error(start_response, 503, "Replication lag exceeded")
+        self._debug("health: ok", "GET", HEALTH_PATH, lag)
         start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "3")])
         return [b"OK\n"]
 
@@ -135,6 +137,7 @@ class LiteFSMiddleware:
                     [("Retry-After", "1")],
                 )
             if not reached:
+                self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)
                 return errors.error(start_response, 504, errors.TIMEOUT)
         self._debug("read", method, path, targets or "")
@@ -193,6 +196,9 @@ class LiteFSMiddleware:
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
             self._debug("write on the primary", method, path)
+            if method in ("GET", "HEAD") and not replayed:
+                # An always_forward read: LiteFS sets the cookie by method, never on a GET.
+                return self.app(environ, start_response)
             return self._serve_write(environ, start_response)
         if self.config.forward == "fly-replay" and _replayable(environ):
             self._debug("fly-replay", method, path, primary)
