@@ -1,0 +1,186 @@
+"""A real Flask app on a primary and a replica, over real HTTP: a client reads its own writes."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import closing
+
+import pytest
+import requests
+from flask import Flask, request
+from servers import serve, wait_until
+
+from litefs_wsgi import ConfigError, LiteFSMiddleware
+from litefs_wsgi.flask import LiteFS
+from litefs_wsgi.testing import LiteFSMount
+
+TIMEOUT = 30  # seconds, for every HTTP call: bounded, generous on a busy machine
+
+
+def create_app(mount: LiteFSMount) -> Flask:
+    """A small app keeping items in ``app.db`` in the mount, as a user would write it."""
+    app = Flask(__name__)
+    path = mount.db_path("app.db")
+
+    def connect():
+        return closing(sqlite3.connect(path, timeout=10))
+
+    @app.post("/items")
+    def add_item():
+        with connect() as conn, conn:
+            conn.execute("INSERT INTO items (name) VALUES (?)", (request.form["name"],))
+        return "added\n", 201
+
+    @app.get("/items")
+    def list_items():
+        with connect() as conn:
+            names = [name for (name,) in conn.execute("SELECT name FROM items ORDER BY id")]
+        return "".join(f"{name}\n" for name in names)
+
+    @app.post("/fail")
+    def fail():
+        with connect() as conn, conn:
+            conn.execute("INSERT INTO items (name) VALUES ('half')")
+        raise RuntimeError("after the commit")
+
+    return app
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A primary and a replica mount, the database created on the primary and replicated."""
+    primary, replica = LiteFSMount(tmp_path / "primary"), LiteFSMount(tmp_path / "replica")
+    primary.make_primary()
+    replica.make_replica("node-a")
+    with closing(sqlite3.connect(primary.db_path("app.db"))) as conn, conn:
+        conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    primary.sync("app.db")
+    replica.replicate(primary, "app.db")
+    return primary, replica
+
+
+def wrap(app: Flask, mount: LiteFSMount, **options) -> LiteFSMiddleware:
+    app.wsgi_app = LiteFSMiddleware(mount.committing(app.wsgi_app), db="app.db", mount_dir=mount.path, **options)
+    return app.wsgi_app
+
+
+def txid_cookie(response) -> str:
+    values = [v for v in response.raw.headers.getlist("Set-Cookie") if v.startswith("__txid=")]
+    assert len(values) == 1, values
+    return values[0].split(";")[0].split("=", 1)[1]
+
+
+def test_read_your_writes_across_primary_and_replica(cluster):
+    primary, replica = cluster
+    primary_app, replica_app = create_app(primary), create_app(replica)
+    wrap(primary_app, primary, forward="fly-replay")
+    replica_mw = wrap(replica_app, replica, forward="fly-replay", poll_timeout="30s")
+    before = primary.position("app.db")
+
+    with serve(primary_app) as primary_url, serve(replica_app) as replica_url:
+        # A write on the primary answers with the position after it.
+        response = requests.post(primary_url + "/items", data={"name": "apple"}, timeout=TIMEOUT)
+        assert response.status_code == 201
+        txid = txid_cookie(response)
+        assert int(txid, 16) == before + 1 == primary.position("app.db")
+
+        # The replica has not caught up: a read with the cookie waits for it.
+        result = {}
+
+        def read():
+            result["response"] = requests.get(replica_url + "/items", cookies={"__txid": txid}, timeout=TIMEOUT)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_until(lambda: replica_mw.watcher.waiting == 1, 20, "the read to wait on the replica")
+        assert "response" not in result
+        with closing(sqlite3.connect(replica.db_path("app.db"))) as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+        replica.replicate(primary, "app.db")  # what LiteFS does, from another thread
+        reader.join(TIMEOUT + 5)
+        assert result["response"].status_code == 200
+        assert result["response"].text == "apple\n"
+
+        # Without the cookie nothing waits, and the replica now has the row anyway.
+        assert requests.get(replica_url + "/items", timeout=TIMEOUT).text == "apple\n"
+
+        # A write on the replica is replayed on the primary by Fly.io: the app never runs.
+        response = requests.post(replica_url + "/items", data={"name": "pear"}, timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert response.content == b""
+        assert response.headers["fly-replay"] == "instance=node-a"
+        assert "__txid" not in response.cookies
+        assert requests.get(primary_url + "/items", timeout=TIMEOUT).text == "apple\n"
+
+
+def test_read_times_out_when_the_replica_never_catches_up(cluster):
+    primary, replica = cluster
+    replica_app = create_app(replica)
+    wrap(replica_app, replica, poll_timeout="300ms")
+    ahead = f"{replica.position('app.db') + 1:016x}"
+    with serve(replica_app) as url:
+        response = requests.get(url + "/items", cookies={"__txid": ahead}, timeout=TIMEOUT)
+    assert response.status_code == 504
+    assert response.text == "Proxy timeout\n"
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+def test_a_failing_write_still_sets_the_cookie(cluster):
+    primary, _ = cluster
+    app = create_app(primary)
+    wrap(app, primary)
+    before = primary.position("app.db")
+    with serve(app) as url:
+        response = requests.post(url + "/fail", timeout=TIMEOUT)
+    assert response.status_code == 500
+    assert int(txid_cookie(response), 16) == before + 1  # the commit happened before the error
+
+
+def test_extension_reads_litefs_config_keys(cluster):
+    primary, replica = cluster
+    app = create_app(replica)
+    app.config.update(
+        LITEFS_DB="app.db",
+        LITEFS_DIR=replica.path,
+        LITEFS_POLL_TIMEOUT="300ms",
+        LITEFS_FORWARD="fly-replay",
+        LITEFS_PASSTHROUGH=["/static/*"],
+        LITEFS_MAX_LAG="2s",
+        SECRET_KEY="not a LiteFS option",
+    )
+    litefs = LiteFS()
+    litefs.init_app(app)
+    config = litefs.middleware.config
+    assert app.extensions["litefs"] is litefs
+    assert app.wsgi_app is litefs.middleware
+    assert (config.db, config.mount_dir, config.poll_timeout) == (("app.db",), replica.path, 0.3)
+    assert (config.forward, config.passthrough, config.max_lag) == ("fly-replay", ("/static/*",), 2.0)
+
+    replica.set_lag(2001)
+    ahead = f"{replica.position('app.db') + 1:016x}"
+    with serve(app) as url:
+        response = requests.post(url + "/items", data={"name": "x"}, timeout=TIMEOUT)
+        assert response.headers["fly-replay"] == "instance=node-a"
+        assert requests.get(url + "/items", cookies={"__txid": ahead}, timeout=TIMEOUT).status_code == 504
+        assert requests.get(url + "/litefs/health", timeout=TIMEOUT).status_code == 503
+
+
+def test_extension_arguments_win_over_config(cluster):
+    primary, _ = cluster
+    app = create_app(primary)
+    app.config.update(LITEFS_DB="other.db", LITEFS_DIR=primary.path, LITEFS_POLL_TIMEOUT="1s")
+    litefs = LiteFS(app, db="app.db")
+    assert litefs.middleware.config.db == ("app.db",)
+    assert litefs.middleware.config.poll_timeout == 1.0
+    with serve(app) as url:
+        response = requests.post(url + "/items", data={"name": "x"}, timeout=TIMEOUT)
+    assert int(txid_cookie(response), 16) == primary.position("app.db")
+
+
+def test_extension_bad_option_fails_at_init_app(cluster):
+    primary, _ = cluster
+    app = create_app(primary)
+    app.config.update(LITEFS_DB="app.db", LITEFS_DIR=primary.path, LITEFS_POLL_TIMEOUT="soonish")
+    with pytest.raises(ConfigError, match="^poll_timeout: "):
+        LiteFS(app)
