@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+import select
+import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from werkzeug.exceptions import HTTPException
@@ -52,6 +54,32 @@ def local_port(environ: dict) -> str:
         except (OSError, IndexError, TypeError):
             pass
     return str(environ.get("SERVER_PORT", "80"))
+
+
+def client_alive(environ: dict) -> Callable[[], bool] | None:
+    """A callable telling whether the client is still connected, from gunicorn's client
+    socket; None under a server that does not expose it. It only peeks: a byte the client
+    sent (a pipelined request) stays for the server to read."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None or not hasattr(sock, "fileno"):
+        return None
+
+    def alive() -> bool:
+        try:
+            poller = select.poll()  # not select.select: it fails on descriptors over 1023
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return True
+            # Readable with nothing to read is the client's FIN (or a reset, raising below).
+            return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) != b""
+        except (BlockingIOError, InterruptedError):
+            return True
+        except ValueError:  # a TLS socket cannot peek: keep waiting, as without this check
+            return True
+        except OSError:  # reset by the client, or already closed
+            return False
+
+    return alive
 
 
 class LiteFSMiddleware:
@@ -127,7 +155,8 @@ class LiteFSMiddleware:
         targets = self.cookie.read(environ)
         if targets:
             try:
-                reached = self.watcher.wait(targets, self.config.poll_timeout)
+                alive = client_alive(environ)
+                reached = self.watcher.wait(targets, self.config.poll_timeout, alive)
             except TooManyWaiters:
                 self._debug("refused, too many waiting", method, path)
                 return errors.error(
@@ -136,6 +165,10 @@ class LiteFSMiddleware:
                     "Proxy error: too many requests waiting for replication",
                     [("Retry-After", "1")],
                 )
+            if not reached and alive is not None and not alive():
+                # Nobody will read the answer: free the thread now, call nothing.
+                log.info("client went away while %s %s waited for replication", method, path)
+                return errors.error(start_response, 504, errors.TIMEOUT)
             if not reached:
                 self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)

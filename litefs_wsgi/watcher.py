@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .events import EventStream
 from .node import Node
@@ -13,6 +13,9 @@ from .node import Node
 # With the event stream a waiter is woken by the tx event, but LiteFS sends nothing while
 # idle and a slow reader is disconnected: the file is still read this often.
 EVENT_FALLBACK_INTERVAL = 0.05
+
+# How often a waiting read asks whether its client is still there (``alive`` in wait).
+ALIVE_CHECK_INTERVAL = 0.05
 
 
 class TooManyWaiters(Exception):
@@ -80,8 +83,9 @@ class Watcher:
                 return False
         return True
 
-    def wait(self, targets: Mapping[str, int], timeout: float) -> bool:
-        """Block until every database in ``targets`` reaches its TXID; False after ``timeout``.
+    def wait(self, targets: Mapping[str, int], timeout: float, alive: Callable[[], bool] | None = None) -> bool:
+        """Block until every database in ``targets`` reaches its TXID; False after ``timeout``,
+        or as soon as ``alive()`` (asked every ALIVE_CHECK_INTERVAL) says the client has gone.
 
         Raises TooManyWaiters at once when ``max_waiters`` requests already wait.
         """
@@ -98,7 +102,13 @@ class Watcher:
                 self._thread.start()
             self._cond.notify()
         try:
-            return waiter.done.wait(timeout) or self.reached(targets)
+            if alive is None:
+                return waiter.done.wait(timeout) or self.reached(targets)
+            deadline = time.monotonic() + timeout
+            while not waiter.done.wait(max(0.0, min(ALIVE_CHECK_INTERVAL, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline or not alive():
+                    return self.reached(targets)
+            return True
         finally:
             with self._cond:
                 if waiter in self._waiters:
