@@ -12,7 +12,7 @@ from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import is_hop_by_hop_header, parse_list_header
-from werkzeug.wsgi import ClosingIterator, get_content_length, get_input_stream
+from werkzeug.wsgi import ClosingIterator, LimitedStream, get_content_length, get_input_stream
 
 from .errors import error, status_line
 
@@ -171,7 +171,10 @@ def request_body(environ: dict) -> tuple[object | None, bool]:
         return _chunks(stream), True
     length = get_content_length(environ)
     if length:
-        return get_input_stream(environ), False
+        # Bounded even when the server says its stream ends by itself (gunicorn's
+        # wsgi.input_terminated): a client that leaves mid-upload must end the forward with
+        # ClientDisconnected, not a short body that the primary waits on until read_timeout.
+        return LimitedStream(environ["wsgi.input"], length), False
     return None, False
 
 
