@@ -1,0 +1,114 @@
+"""A real Django project on a primary and a replica: a client reads its own writes.
+
+Each node is the project in tests/django_project served by its own gunicorn process, its
+wsgi.py calling ``litefs_wsgi.django.get_wsgi_application()`` with the ``LITEFS`` setting,
+as a user deploys it. Django is configured once per process: in subprocesses, the settings
+of this test never reach the other test modules, which share pytest's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from contextlib import closing
+
+import pytest
+import requests
+from servers import gunicorn
+
+from litefs_wsgi.testing import LiteFSMount
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 30
+
+
+@contextlib.contextmanager
+def node(mount: LiteFSMount, **env: str):
+    """The Django project serving ``mount``, as a node of the cluster; yields its URL."""
+    env = {"DJANGO_SETTINGS_MODULE": "django_project.settings", "LITEFS_DIR": mount.path, **env}
+    args = ["--worker-class", "gthread", "--threads", "4", "--workers", "1", "--timeout", "60"]
+    # cwd: the project is importable from there, and the repository's gunicorn.conf.py is not read.
+    with gunicorn([*args, "django_project.wsgi:application"], env=env, cwd=TESTS) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    for name in list(os.environ):  # the settings decide, not the machine's environment
+        if name.startswith(("LITEFS_PROXY_", "FLY_")) or name == "LITEFS_WSGI_CONFIG":
+            monkeypatch.delenv(name)
+    primary, replica = LiteFSMount(tmp_path / "primary"), LiteFSMount(tmp_path / "replica")
+    primary.make_primary()
+    replica.make_replica("node-a")
+    with closing(sqlite3.connect(primary.db_path("db.sqlite3"))) as conn, conn:
+        conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    primary.sync("db.sqlite3")
+    replica.replicate(primary, "db.sqlite3")
+    return primary, replica
+
+
+def txid_cookie(response) -> str:
+    values = [v for v in response.raw.headers.getlist("Set-Cookie") if v.startswith("__txid=")]
+    assert len(values) == 1, values
+    return values[0].split(";")[0].split("=", 1)[1]
+
+
+def rows(mount: LiteFSMount) -> list[str]:
+    with closing(sqlite3.connect(mount.db_path("db.sqlite3"))) as conn:
+        return [name for (name,) in conn.execute("SELECT name FROM items ORDER BY id")]
+
+
+def test_read_your_writes_across_primary_and_replica(cluster):
+    primary, replica = cluster
+    before = primary.position("db.sqlite3")
+    with node(primary) as primary_url, node(replica) as replica_url:
+        # A write on the primary answers with the position after it.
+        response = requests.post(primary_url + "/items", data={"name": "apple"}, timeout=TIMEOUT)
+        assert response.status_code == 201
+        txid = txid_cookie(response)
+        assert int(txid, 16) == before + 1 == primary.position("db.sqlite3")
+
+        # On the replica a read with that cookie waits: nothing replicates by itself here,
+        # so a read still running after a while is a read that waits.
+        result = {}
+
+        def read():
+            result["response"] = requests.get(replica_url + "/items", cookies={"__txid": txid}, timeout=TIMEOUT)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        assert reader.is_alive() and "response" not in result
+        replica.replicate(primary, "db.sqlite3")  # what LiteFS does, from another process
+        reader.join(TIMEOUT + 5)
+        assert result["response"].status_code == 200
+        assert result["response"].text == "apple\n"
+
+        # A write on the replica is replayed on the primary by Fly.io: the view never runs.
+        response = requests.post(replica_url + "/items", data={"name": "pear"}, timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert response.content == b""
+        assert response.headers["fly-replay"] == "instance=node-a"
+        assert "__txid" not in response.cookies
+    assert rows(primary) == rows(replica) == ["apple"]
+
+
+def test_read_times_out_and_failing_write_sets_cookie(cluster):
+    primary, _ = cluster
+    before = primary.position("db.sqlite3")
+    with node(primary, TEST_POLL_TIMEOUT="300ms") as url:
+        ahead = f"{before + 1:016x}"
+        response = requests.get(url + "/items", cookies={"__txid": ahead}, timeout=TIMEOUT)
+        assert response.status_code == 504
+        assert response.text == "Proxy timeout\n"
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+        response = requests.post(url + "/fail", timeout=TIMEOUT)
+        assert response.status_code == 500
+        assert int(txid_cookie(response), 16) == before + 1  # committed before the error
+
+        response = requests.get(url + "/items", cookies={"__txid": ahead}, timeout=TIMEOUT)
+        assert response.status_code == 200 and response.text == "half\n"
