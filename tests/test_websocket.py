@@ -1,0 +1,165 @@
+"""WebSockets through the standalone proxy: gunicorn -c gunicorn.conf.py in front of a raw
+RFC 6455 echo server, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import struct
+import textwrap
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from proxy_ws import BINARY, CLOSE, GREETING, PING, PONG, TEXT, Client, accept_key, echo_server
+from servers import gunicorn, wait_until
+
+from litefs_wsgi.testing import LiteFSMount
+
+IDLE = 2  # seconds; the proxy's websocket-idle-timeout
+
+
+@pytest.fixture(scope="module")
+def target():
+    with echo_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory):
+    m = LiteFSMount(tmp_path_factory.mktemp("ws") / "litefs")
+    m.make_primary()
+    m.set_position("app.db", 5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def proxy_port(target, mount, tmp_path_factory):
+    config = tmp_path_factory.mktemp("wsconf") / "litefs.yml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            fuse:
+              dir: "{mount.path}"
+            proxy:
+              target: "127.0.0.1:{target.port}"
+              db: "app.db"
+              poll-timeout: 1s
+              websocket-idle-timeout: {IDLE}s
+            """)
+    )
+    env = {"LITEFS_WSGI_CONFIG": str(config), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "4"}
+    with gunicorn(["-c", "gunicorn.conf.py"], env=env) as (url, _proc):
+        yield urlsplit(url).port
+
+
+def test_echo_through_the_proxy(target, proxy_port):
+    ws = Client.open(proxy_port)
+    assert ws.status == 101
+    assert ws.headers["Sec-WebSocket-Accept"] == accept_key(ws.key)
+    assert ws.headers["Upgrade"].lower() == "websocket"
+    assert ws.headers["Connection"].lower() == "upgrade"
+    # The target sent this frame in the same packet as its 101 head: it must not be lost.
+    assert ws.recv() == (TEXT, GREETING)
+    every_byte = bytes(range(256)) * 4
+    big = bytes(range(256)) * 800  # 200 KiB, several socket reads each way
+    for opcode, payload in ((TEXT, "héllo".encode()), (BINARY, every_byte), (BINARY, big), (PING, b"p")):
+        ws.send(payload, opcode)
+        assert ws.recv() == (PONG if opcode == PING else opcode, payload)
+    ws.close()
+    head = target.heads[-1].decode("latin-1")
+    assert head.startswith("GET /ws HTTP/1.1\r\n")
+    for line in ("Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {ws.key}", "X-Forwarded-For: "):
+        assert line in head
+
+
+def test_request_target_reaches_the_target_byte_for_byte(target, proxy_port):
+    ws = Client.open(proxy_port, "/ws?room=a%2Fb&name=x%20y+z")
+    # The echo server only upgrades "/ws" exactly; anything else it refuses with a 403.
+    assert ws.status == 403
+    assert target.heads[-1].startswith(b"GET /ws?room=a%2Fb&name=x%20y+z HTTP/1.1\r\n")
+
+
+def test_an_answer_other_than_101_is_relayed(target, proxy_port):
+    ws = Client.open(proxy_port, "/not-a-socket")
+    assert ws.status == 403
+    assert ws.body == b"forbidden"
+    assert ws.headers["X-Target"] == "yes"
+    assert ws.headers["Content-Length"] == "9"
+
+
+def test_client_going_away_closes_the_target_side(target, proxy_port):
+    before = target.closed
+    ws = Client.open(proxy_port)
+    assert ws.recv() == (TEXT, GREETING)
+    ws.sock.close()  # no closing handshake: the TCP connection just ends
+    wait_until(lambda: target.closed > before, 15, "the target's connection to close")
+
+
+def test_idle_tunnel_is_closed(target, proxy_port):
+    before = target.closed
+    ws = Client.open(proxy_port)
+    assert ws.recv() == (TEXT, GREETING)
+    # Nothing is sent either way: after the idle limit the proxy ends both connections.
+    ws.sock.settimeout(IDLE + 20)
+    assert ws.sock.recv(1) == b""
+    wait_until(lambda: target.closed > before, 15, "the target's connection to close")
+
+
+def test_tunnels_release_their_threads(proxy_port):
+    # Four threads in the only worker: if a finished tunnel kept its thread, the fifth
+    # tunnel would never be served.
+    for _ in range(3):
+        sockets = [Client.open(proxy_port) for _ in range(3)]
+        for i, ws in enumerate(sockets):
+            assert ws.recv() == (TEXT, GREETING)
+            ws.send(b"%d" % i)
+        for i, ws in enumerate(sockets):
+            assert ws.recv() == (BINARY, b"%d" % i)
+            ws.close()
+
+
+def test_upgrade_waits_for_the_cookie_then_succeeds(target, mount, proxy_port):
+    # The upgrade is a read: a client that wrote TXID 7 must not reach a node still at 5.
+    seen = len(target.heads)
+    result = {}
+
+    def connect():
+        result["ws"] = Client.open(proxy_port, headers={"Cookie": "__txid=0000000000000007"})
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        time.sleep(0.3)  # let the request reach the proxy; it must be held there
+        assert len(target.heads) == seen
+        mount.set_position("app.db", 7)
+        thread.join(15)
+        ws = result["ws"]
+        assert ws.status == 101
+        assert ws.recv() == (TEXT, GREETING)
+        ws.close()
+    finally:
+        mount.set_position("app.db", 5)
+
+
+def test_upgrade_with_a_cookie_never_reached_gets_504(target, proxy_port):
+    seen = len(target.heads)
+    ws = Client.open(proxy_port, headers={"Cookie": "__txid=00000000000000ff"})
+    assert ws.status == 504
+    assert ws.body == b"Proxy timeout\n"
+    assert len(target.heads) == seen  # the target never saw it
+
+
+def test_nothing_after_the_tunnel_is_read_as_a_request(target, proxy_port):
+    ws = Client.open(proxy_port)
+    assert ws.recv() == (TEXT, GREETING)
+    ws.send(struct.pack(">H", 1000), CLOSE)
+    assert ws.recv()[0] == CLOSE  # the target closed its side: the tunnel is over
+    # Had gunicorn kept the connection, it would now parse these bytes as a new request
+    # and send it to the target.
+    try:
+        ws.sock.sendall(b"GET /after-the-tunnel HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = ws.sock.recv(64)
+    except ConnectionError:
+        answer = b""
+    assert answer == b""
+    time.sleep(0.5)  # such a request would reach the target within this on a quiet machine
+    assert not any(b"/after-the-tunnel" in head for head in target.heads)
