@@ -154,7 +154,8 @@ class Replication:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
     def _run(self) -> None:
         contact = time.monotonic()  # the last data or heartbeat received
@@ -275,9 +276,11 @@ def run(args: argparse.Namespace) -> int:
     cluster = Cluster(port, lag, args.dir, poll_timeout, quiet=args.check)
     try:
         cluster.start()
-    except OSError as exc:
+    except (OSError, SystemExit) as exc:  # werkzeug exits when a port is taken
         cluster.stop()
-        print(f"litefs-wsgi demo: cannot listen on {HOST}:{port} and {port + 1} ({exc}); try --port 0", file=sys.stderr)
+        ports = f"{port} and {port + 1}" if port else "any port"
+        detail = "" if isinstance(exc, SystemExit) else f": {exc}"
+        print(f"litefs-wsgi demo: cannot listen on {HOST} ({ports}){detail}; try --port 0", file=sys.stderr)
         return 2
     try:
         return check(cluster) if args.check else interactive(cluster)
