@@ -77,11 +77,14 @@ class Watcher:
 
     def reached(self, targets: Mapping[str, int]) -> bool:
         """True when every database has reached its TXID (or does not exist: nothing to wait for)."""
-        for db, target in targets.items():
-            txid = self.txid(db)
-            if txid is not None and txid < target:
-                return False
-        return True
+        return all(self._reached(db, self.txid(db), target) for db, target in targets.items())
+
+    def _reached(self, db: str, txid: int | None, target: int) -> bool:
+        if txid is None:
+            # No -pos file: the database does not exist, nothing to wait for. A torn or
+            # unreadable one is a position not known yet, which never satisfies a cookie.
+            return not os.path.lexists(os.path.join(self.node.mount_dir, db + "-pos"))
+        return txid >= target
 
     def wait(self, targets: Mapping[str, int], timeout: float, alive: Callable[[], bool] | None = None) -> bool:
         """Block until every database in ``targets`` reaches its TXID; False after ``timeout``,
@@ -151,7 +154,7 @@ class Watcher:
             now = {db: self.txid(db) for db in dbs}
             if changed or now != {db: last.get(db) for db in dbs}:
                 for waiter in waiters:
-                    if all(now[db] is None or now[db] >= t for db, t in waiter.targets.items()):
+                    if all(self._reached(db, now[db], t) for db, t in waiter.targets.items()):
                         waiter.done.set()
             last = now
             with self._cond:
