@@ -228,6 +228,33 @@ def test_read_without_position_file_is_served_at_once(mount):
     assert c.get("/").status_code == 200 and len(app.calls) == 1
 
 
+@pytest.mark.parametrize("data", [b"", b"0000000000000009", b"garbage\n", b"0000000000000009/00000000DEADBEEF\n"])
+def test_read_with_garbled_position_file_waits(mount, data):
+    # The file exists, so the database does: its position is unknown, not "nothing to wait for".
+    with open(f"{mount.path}/app.db-pos", "wb") as f:
+        f.write(data)
+    app = App()
+    c, _ = client(mount, app, poll_timeout="200ms")
+    c.set_cookie("__txid", "0000000000000005")
+    assert_error(c.get("/"), 504, b"Proxy timeout\n")
+    assert not app.calls
+
+
+def test_read_waits_through_a_garbled_position_file(mount):
+    with open(f"{mount.path}/app.db-pos", "wb") as f:
+        f.write(b"00000000")
+    app = App()
+    c, middleware = client(mount, app, poll_timeout="30s")
+    c.set_cookie("__txid", "0000000000000005")
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(response=c.get("/")))
+    reader.start()
+    wait_until(lambda: middleware.watcher.waiting == 1, 20, "the read to wait")
+    mount.set_position("app.db", 5)
+    reader.join(40)
+    assert result["response"].status_code == 200 and len(app.calls) == 1
+
+
 @pytest.mark.parametrize(("position", "cookie"), [(5, "0000000000000005"), (9, "0000000000000005")])
 def test_read_at_or_past_cookie_is_served(mount, position, cookie):
     mount.set_position("app.db", position)
