@@ -284,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return check(cluster) if args.check else interactive(cluster)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         cluster.stop()
 
@@ -361,6 +364,8 @@ def _request(base: str, method: str, path: str, timeout: float, body: str | None
 
 def check(cluster: Cluster) -> int:
     """The story, unattended: write on the replica, read it back there, say what happened."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     print("litefs-wsgi demo --check: a LiteFS primary and replica on 127.0.0.1 (simulated)\n", flush=True)
     _describe(cluster)
     replica, primary, say = cluster.replica_base, cluster.primary_base, _Steps()

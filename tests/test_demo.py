@@ -150,3 +150,20 @@ def test_control_files_are_litefs_s(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
     assert (replica / ".primary").exists(), "--dir mounts are kept"
+
+
+def test_check_stops_cleanly_on_sigterm_while_a_read_waits(tmp_path):
+    log = tmp_path / "check.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*DEMO, "--check", "--lag", "60s", "--poll-timeout", "60s"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        # Step 4 is the read that waits for replication: a minute, here.
+        text = wait_until(lambda: "\n4. " not in log.read_text() and "\n3. " in log.read_text() and log.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 130
+    finally:
+        stop(proc)
+    mounts = re.search(r"^mounts: (\S+)", text, re.M)[1]
+    assert not os.path.exists(mounts) and "interrupted" in log.read_text()
