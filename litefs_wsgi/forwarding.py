@@ -9,6 +9,7 @@ from urllib.parse import quote, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
+from urllib3.util import SKIP_HEADER
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import is_hop_by_hop_header, parse_list_header
@@ -61,6 +62,12 @@ class Forwarder:
         pool = self._pools.connection_from_url(base_url)
         body, chunked = request_body(environ)
         headers = request_headers(environ, mark=mark, chunked=chunked)
+        # urllib3 would add "User-Agent: python-urllib3/…" and "Accept-Encoding: identity"
+        # to a request that came without them; a proxy sends on only what the client sent.
+        present = {name.lower() for name in headers}
+        for name in ("User-Agent", "Accept-Encoding"):
+            if name.lower() not in present:
+                headers[name] = SKIP_HEADER
         target = base.path.rstrip("/") + request_target(environ)
         method = environ["REQUEST_METHOD"]
         try:
