@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 
@@ -53,7 +55,12 @@ class EventStream:
         self._stop.set()
         response = self._response
         if response is not None:
-            response.close()
+            # response.close() would block on the buffer lock the reading thread holds while
+            # the stream is idle; shutting the socket down ends that read at once instead.
+            sock = getattr(response.connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=2)
 
     def _run(self) -> None:
