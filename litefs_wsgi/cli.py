@@ -74,20 +74,33 @@ def run_status(args: argparse.Namespace) -> int:
     dbs = [dbs] if isinstance(dbs, str) else dbs
     api_url = _api_url(args.api_url or options.get("api_url"), "api_url")
     node = Node(mount_dir)
-    is_primary, primary = Watcher(node).role()
+    info = _info(api_url) if api_url else None
+    if isinstance(info, dict):
+        # The API knows what the files cannot tell apart: this node being the primary, and
+        # a replica during an election.
+        is_primary, primary = _role_from_info(info)
+        source, unknown = f"from {api_url}/info", "none (an election)"
+    else:
+        is_primary, primary = Watcher(node).role()
+        source, unknown = "from the mount's .primary file", "unknown (.primary is not a plain host name)"
     lag = node.lag()
     print(f"mount:    {mount_dir}{'' if os.path.isdir(mount_dir) else ' (not found)'}")
-    print(f"role:     {'primary' if is_primary else 'replica'} (from the mount's .primary file)")
-    print(f"primary:  {'this node' if is_primary else primary or 'unknown (an election?)'}")
+    print(f"role:     {'primary' if is_primary else 'replica'} ({source})")
+    print(f"primary:  {'this node' if is_primary else primary or unknown}")
     print(f"lag:      {'unreadable' if lag is None else f'{lag} ms'}")
     for db in dbs:
         pos = node.pos(db)
+        exists = os.path.exists(os.path.join(mount_dir, db + "-pos"))
         print(
             f"db {db}: "
-            + (f"TXID {pos.txid:016x} ({pos.txid}), checksum {pos.checksum:016x}" if pos else "no position")
+            + (
+                f"TXID {pos.txid:016x} ({pos.txid}), checksum {pos.checksum:016x}"
+                if pos
+                else ("unreadable position" if exists else "no position")
+            )
         )
     if api_url:
-        print(f"api {api_url}/info: {_info(api_url)}")
+        print(f"api {api_url}/info: {json.dumps(info) if isinstance(info, dict) else info}")
     return 0
 
 
@@ -98,14 +111,30 @@ def _databases_in(mount_dir: str) -> list[str]:
         return []
 
 
-def _info(api_url: str) -> str:
+def _info(api_url: str) -> dict | str:
+    """LiteFS's ``/info`` as a dict, or why it could not be had."""
     import urllib3
 
     try:
         response = urllib3.request("GET", api_url + "/info", timeout=urllib3.Timeout(connect=2, read=2), retries=False)
-        return json.dumps(json.loads(response.data))
+        if response.status != 200:
+            return f"unreachable (HTTP {response.status})"
+        info = json.loads(response.data)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         return f"unreachable ({exc})"
+    return info if isinstance(info, dict) else f"unexpected answer {info!r:.100}"
+
+
+def _role_from_info(info: dict) -> tuple[bool, str | None]:
+    """(is primary, the primary's hostname) from ``/info``; a bad hostname counts as none."""
+    from .node import valid_hostname
+
+    primary = info.get("primary")
+    hostname = primary.get("hostname") if isinstance(primary, dict) else None
+    if not (isinstance(hostname, str) and valid_hostname(hostname)):
+        hostname = None
+    is_primary = info.get("isPrimary") is True
+    return is_primary, None if is_primary else hostname
 
 
 if __name__ == "__main__":
