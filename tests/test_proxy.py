@@ -1,0 +1,233 @@
+"""The standalone proxy: ``gunicorn -c gunicorn.conf.py`` (and ``litefs-wsgi serve``) run as
+subprocesses in front of a real WSGI app on 127.0.0.1, configured by a litefs.yml file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from fwd_client import chunks, header, request, txid_cookie
+from proxy_target import GZIP_BODY, PATTERN, Target
+from servers import free_port, gunicorn, port_open, serve, stop, wait_until
+
+from litefs_wsgi.testing import LiteFSMount
+
+MB = 1024 * 1024
+
+
+def write_config(path, mount: LiteFSMount, target_port: int, **proxy: str) -> str:
+    extra = "".join(f"  {key}: {value}\n" for key, value in proxy.items())
+    path.write_text(
+        textwrap.dedent(f"""\
+            fuse:
+              dir: "{mount.path}"
+            proxy:
+              target: "127.0.0.1:{target_port}"
+              db: "app.db"
+            """)
+        + extra
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory):
+    m = LiteFSMount(tmp_path_factory.mktemp("proxy") / "litefs")
+    m.make_primary()
+    m.set_position("app.db", 1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def target(mount):
+    app = Target(mount)
+    with serve(app) as url:
+        app.port = urlsplit(url).port
+        yield app
+
+
+@pytest.fixture(scope="module")
+def proxy(mount, target, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("conf") / "litefs.yml", mount, target.port)
+    env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "8"}
+    with gunicorn(["-c", "gunicorn.conf.py"], env=env) as (url, _proc):
+        yield urlsplit(url).port
+
+
+def report(port, method="POST", target="/echo", **kwargs) -> dict:
+    status, _, body = request(port, method, target, **kwargs)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_upload_with_content_length(proxy, target, mount):
+    data = os.urandom(8 * MB)
+    status, headers, body = request(proxy, "POST", "/echo", body=data)
+    assert status == 200
+    got = json.loads(body)
+    assert (got["body_len"], got["body_sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert header(got, "Content-Length") == [str(len(data))]
+    # The proxy runs on the primary: the write gets the position after it.
+    assert txid_cookie(headers) == mount.position("app.db")
+
+
+def test_chunked_upload(proxy, target):
+    data = os.urandom(6 * MB + 7)
+    got = report(proxy, "PUT", "/echo", body=chunks(data), chunked=True)
+    assert (got["body_len"], got["body_sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_download_streams_every_byte(proxy):
+    size = 5 * MB + 3
+    status, headers, body = request(proxy, "GET", f"/download?size={size}")
+    assert status == 200
+    assert len(body) == size
+    assert body == (PATTERN * (size // len(PATTERN) + 1))[:size]
+    assert "Set-Cookie" not in headers  # a read gets no cookie
+
+
+def test_binary_body_with_every_byte_value(proxy):
+    data = bytes(range(256)) * 1024
+    status, _, body = request(proxy, "POST", "/body", body=data)
+    assert (status, body) == (200, data)
+
+
+def test_two_set_cookie_headers_stay_apart(proxy, mount):
+    status, headers, _ = request(proxy, "POST", "/cookies", body=b"")
+    cookies = headers.get_all("Set-Cookie")
+    assert "a=1; Path=/" in cookies and "b=2; HttpOnly; Path=/" in cookies
+    assert len(cookies) == 3
+    assert txid_cookie(headers) == mount.position("app.db")
+
+
+def test_gzip_response_is_passed_through_untouched(proxy):
+    status, headers, body = request(proxy, "GET", "/gzip", headers={"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Length"] == str(len(GZIP_BODY))
+    assert body == GZIP_BODY
+
+
+def test_request_target_reaches_the_target_byte_for_byte(proxy, target):
+    raw = "/echo/a%2Fb/c%20d?path=a%2Fb&q=hello%20world&plus=a+b&euro=%E2%82%AC&empty=&flag"
+    assert report(proxy, "GET", raw)["raw_uri"] == raw
+
+
+def test_redirect_is_relayed_not_followed(proxy, target):
+    before = len(target.requests)
+    status, headers, _ = request(proxy, "GET", "/redirect")
+    assert (status, headers["Location"]) == (302, "/elsewhere")
+    assert target.requests[before:] == ["GET /redirect"]
+
+
+def test_forwarded_headers_added_host_kept_nothing_else_added(proxy):
+    got = report(proxy, "GET", "/echo", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert header(got, "Host") == [f"127.0.0.1:{proxy}"]
+    assert header(got, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+    assert header(got, "X-Forwarded-Proto") == ["http"]
+    assert header(got, "X-Forwarded-Host") == [f"127.0.0.1:{proxy}"]
+    names = {name.lower() for name, _ in got["headers"]}
+    assert not names & {"user-agent", "accept-encoding", "accept", "cookie", "x-litefs-forwarded"}
+
+
+def test_hop_by_hop_headers_are_dropped_both_ways(proxy):
+    got = report(
+        proxy,
+        "GET",
+        "/echo",
+        headers={"Connection": "X-Private", "X-Private": "1", "Keep-Alive": "timeout=5", "X-Kept": "1"},
+    )
+    names = {name.lower() for name, _ in got["headers"]}
+    assert "x-private" not in names and "keep-alive" not in names
+    assert header(got, "X-Kept") == ["1"]
+    status, headers, body = request(proxy, "GET", "/hop")
+    assert (status, body) == (200, b"hop")
+    assert headers["X-Kept"] == "1"
+    assert "X-Hop-Secret" not in headers
+
+
+def test_no_cookie_leaks_between_clients(proxy):
+    status, headers, _ = request(proxy, "POST", "/session?user=alice", body=b"")
+    assert "session=alice; Path=/" in headers.get_all("Set-Cookie")
+    for _ in range(3):
+        _, _, body = request(proxy, "POST", "/session", body=b"")
+        assert json.loads(body) == {"cookie": None}
+
+
+def test_server_sent_events_arrive_one_by_one(proxy, target):
+    conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=15)
+    try:
+        conn.request("GET", "/sse")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        for n in range(len(target.gates) + 1):
+            # The target sends event n+1 only after this one is read here: a proxy that
+            # held the stream back would leave this read to time out.
+            event = b""
+            while not event.endswith(b"\n\n"):
+                event += response.read1(1024)
+            assert event == f"data: event {n}\n\n".encode()
+            if n < len(target.gates):
+                assert not target.gates[n].is_set()
+                target.gates[n].set()
+        assert response.read() == b""
+    finally:
+        conn.close()
+
+
+# -- `litefs-wsgi serve`, with a target that is down, then restarting ---------------------
+
+
+@contextlib.contextmanager
+def litefs_wsgi_serve(config: str):
+    port = free_port()
+    command = [shutil.which("litefs-wsgi") or "litefs-wsgi", "serve", "--config", config]
+    command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, 30, "litefs-wsgi serve")
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        yield port
+    finally:
+        stop(proc)
+
+
+def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, mount):
+    target_port = free_port()
+    config = write_config(tmp_path / "litefs.yml", mount, target_port, **{"connect-timeout": "20s"})
+    app = Target(mount)
+    with litefs_wsgi_serve(config) as port:
+        with serve(app, target_port):
+            assert request(port, "GET", "/echo")[0] == 200
+        # The target is down (restarting): the proxy dials again every 100 ms.
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=request(port, "POST", "/echo", body=b"once")))
+        thread.start()
+        time.sleep(0.5)  # the request is now waiting in the proxy for the target
+        with serve(app, target_port):
+            thread.join(30)
+        status, headers, body = result["r"]
+        assert status == 200
+        assert json.loads(body)["body_len"] == 4
+        assert app.requests == ["GET /echo", "POST /echo"]  # sent once
+
+
+def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
+    target_port = free_port()
+    config = write_config(tmp_path / "litefs.yml", mount, target_port, **{"connect-timeout": "500ms"})
+    with litefs_wsgi_serve(config) as port:
+        status, headers, body = request(port, "POST", "/echo", body=b"x")
+    assert status == 502
+    assert body == f"Proxy error: connection refused by 127.0.0.1:{target_port}\n".encode()
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
