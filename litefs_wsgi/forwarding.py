@@ -46,7 +46,7 @@ class Forwarder:
         # Each dial attempt is bounded too: a silent host must not hold the thread forever.
         self._timeout = urllib3.Timeout(connect=min(connect_timeout, 5.0) or 5.0, read=read_timeout or None)
         self._pools = urllib3.PoolManager(
-            num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=CHUNK
+            num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=1024 * 1024
         )
 
     def close(self) -> None:
@@ -81,6 +81,12 @@ class Forwarder:
             )
         except HTTPError as exc:
             return error(start_response, 502, f"Proxy error: {describe(exc, base.netloc)}")
+        except ValueError as exc:
+            # http.client refuses to write a method or header name that is not a token, or a
+            # value with a line break: it checks before sending a byte. Gunicorn never lets
+            # one through, other servers may; forwarding it could only be read two ways.
+            log.info("refusing to forward %r to %s: %s", method, base_url, exc)
+            return error(start_response, 400, "Proxy error: request has an invalid method or header")
         start_response(_status(response), response_headers(response))
         return relay(response)
 
