@@ -57,9 +57,9 @@ class EventStream:
         if response is not None:
             # response.close() would block on the buffer lock the reading thread holds while
             # the stream is idle; shutting the socket down ends that read at once instead.
-            sock = getattr(response.connection, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
+            # (http.client has dropped its own reference to the socket by then: use a dup.)
+            with contextlib.suppress(OSError, ValueError):
+                with socket.fromfd(response.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=2)
 
