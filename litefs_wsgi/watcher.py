@@ -143,14 +143,21 @@ class Watcher:
         if self.events is not None:
             interval = max(interval, EVENT_FALLBACK_INTERVAL)
         last: dict[str, int | None] = {}
+        waiters: list[_Waiter] = []
+        dbs: set[str] = set()
         while True:
             with self._cond:
                 if not self._waiters:
                     self._thread = None
                     return
-                waiters = list(self._waiters)
                 changed, self._changed = self._changed, False
-            dbs = {db for waiter in waiters for db in waiter.targets}
+                if changed:
+                    # Every new waiter sets _changed, so between changes the snapshot holds
+                    # them all (one that left meanwhile is harmless): an idle tick then costs
+                    # the same with one waiter or a thousand.
+                    waiters = list(self._waiters)
+            if changed:
+                dbs = {db for waiter in waiters for db in waiter.targets}
             now = {db: self.txid(db) for db in dbs}
             if changed or now != {db: last.get(db) for db in dbs}:
                 for waiter in waiters:
