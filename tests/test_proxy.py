@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from fwd_client import chunks, header, request, txid_cookie
 from proxy_target import GZIP_BODY, PATTERN, Target
+from proxy_ws import Client
 from servers import free_port, gunicorn, port_open, serve, stop, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
@@ -228,6 +229,8 @@ def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
     config = write_config(tmp_path / "litefs.yml", mount, target_port, **{"connect-timeout": "500ms"})
     with litefs_wsgi_serve(config) as port:
         status, headers, body = request(port, "POST", "/echo", body=b"x")
+        ws = Client.open(port)  # a WebSocket upgrade gets the same answer
     assert status == 502
     assert body == f"Proxy error: connection refused by 127.0.0.1:{target_port}\n".encode()
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert (ws.status, ws.body) == (502, body)
