@@ -160,6 +160,12 @@ def request_headers(environ: dict, mark: bool = False, chunked: bool = False) ->
         if lower in drop or is_hop_by_hop_header(name):
             continue
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if chunked:
+        # A coding the body still carries (Transfer-Encoding: gzip, chunked) goes on with it:
+        # dropped, the other side would take the compressed bytes for the content itself.
+        codings = [c for c in _connection_tokens(source.get("Transfer-Encoding")) if c not in ("chunked", "identity")]
+        if codings:
+            headers["Transfer-Encoding"] = ", ".join([*codings, "chunked"])
     length = get_content_length(environ)
     if length is not None and not chunked:
         headers["Content-Length"] = str(length)
