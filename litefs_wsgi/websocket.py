@@ -27,6 +27,7 @@ from .forwarding import CHUNK, RETRY_REFUSED_EVERY, Forwarder, request_headers, 
 log = logging.getLogger("litefs_wsgi")
 
 MAX_DIAL = 5.0  # one connection attempt; a silent host must not hold the thread for long
+STALLED_SEND = 300.0  # without an idle limit, a peer not reading this long is dropped
 
 
 def is_websocket_upgrade(environ: dict) -> bool:
@@ -160,9 +161,10 @@ def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
 
 def pipe(client: socket.socket, upstream: socket.socket, idle_timeout: float | None) -> None:
     """Copy bytes both ways until a side closes, fails, or nothing moves for ``idle_timeout``."""
-    # A peer that stops reading blocks a send; past the idle limit that counts as gone.
+    # A peer that stops reading blocks a send; past the idle limit (or, with none, a
+    # generous bound) that counts as gone.
     for sock in (client, upstream):
-        sock.settimeout(idle_timeout)
+        sock.settimeout(idle_timeout or STALLED_SEND)
     other = {client: upstream, upstream: client}
     with selectors.DefaultSelector() as selector:
         for sock in other:
