@@ -306,29 +306,64 @@ def read_yaml(path: str, env: Mapping[str, str] | None = None, expand_env: bool 
     return options
 
 
-_EXPR = re.compile(r"""^(\w+)\s*(==|!=)\s*(?:"(.*)"|'(.*)'|(\w+))$""")
-_DOLLAR = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z0-9_]+))")
+_EXPR = re.compile(r"""^(\w+)\s*(==|!=)\s*(?:"(.*)"|'(.*)'|(\w+))$""", re.ASCII)
+_SHELL_SPECIAL = set("*#$@!?-0123456789")
+_ALNUM = set("_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Expand ``$VAR``, ``${VAR}``, ``${VAR == "value"}``, ``${VAR != 'value'}`` and
-    ``${A == B}`` as LiteFS does (an expression becomes ``true`` or ``false``)."""
+    ``${A == B}`` as LiteFS does (an expression becomes ``true`` or ``false``).
 
-    def one(match: re.Match) -> str:
-        name = (match[1] if match[1] is not None else match[2]).strip()
-        expr = _EXPR.match(name)
-        if expr is None:
-            return env.get(name, "")
-        left = env.get(expr[1], "")
-        if expr[3] is not None:
-            right = expr[3]
-        elif expr[4] is not None:
-            right = expr[4]
-        else:
-            right = env.get(expr[5], "")
-        return "true" if (left == right) == (expr[2] == "==") else "false"
+    This is Go's ``os.Expand``, which LiteFS uses, to the byte: ``$$``, ``$1`` and the
+    other shell specials are one-character names, a ``$`` before anything else stays, and
+    a ``${`` without its ``}`` is dropped.
+    """
+    out, literal, j = [], 0, 0
+    while j < len(text):
+        if text[j] == "$" and j + 1 < len(text):
+            out.append(text[literal:j])
+            name, width = _shell_name(text[j + 1 :])
+            if name:
+                out.append(_lookup(name, env))
+            elif not width:
+                out.append("$")
+            j += width
+            literal = j + 1
+        j += 1
+    return "".join(out) + text[literal:] if out else text
 
-    return _DOLLAR.sub(one, text)
+
+def _shell_name(s: str) -> tuple[str, int]:
+    """Go's ``getShellName``: the name after a ``$`` and how many characters it spans."""
+    if s[0] == "{":
+        if len(s) > 2 and s[1] in _SHELL_SPECIAL and s[2] == "}":
+            return s[1], 3
+        end = s.find("}", 1)
+        if end == -1:
+            return "", 1  # bad syntax: "${" is dropped
+        return s[1:end], end + 1  # "${}" gives no name: dropped
+    if s[0] in _SHELL_SPECIAL:
+        return s[0], 1
+    width = 0
+    while width < len(s) and s[width] in _ALNUM:
+        width += 1
+    return s[:width], width
+
+
+def _lookup(name: str, env: Mapping[str, str]) -> str:
+    name = name.strip()
+    expr = _EXPR.match(name)
+    if expr is None:
+        return env.get(name, "")
+    left = env.get(expr[1], "")
+    if expr[3] is not None:
+        right = expr[3]
+    elif expr[4] is not None:
+        right = expr[4]
+    else:
+        right = env.get(expr[5], "")
+    return "true" if (left == right) == (expr[2] == "==") else "false"
 
 
 def describe_options() -> Iterable[tuple[str, Any, str]]:
