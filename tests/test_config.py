@@ -314,6 +314,19 @@ ENV = {"FLY_REGION": "ams", "PRIMARY_REGION": "ams", "OTHER": "lhr", "APP": "my-
         ("${FLY_REGION==PRIMARY_REGION}", "true"),
         ('${MISSING == ""}', "true"),
         ("no dollars", "no dollars"),
+        # Go's os.Expand, under LiteFS's expressions, in its corners:
+        ("price: 5$", "price: 5$"),  # a final $ stays
+        ("a$/b", "a$/b"),  # $ before a non-name stays
+        ("$$", ""),  # shell specials are one-character names
+        ("$1abc", "abc"),
+        ("${1}", ""),
+        ("$-x", "x"),
+        ("${}", ""),  # bad syntax is dropped
+        ("x${APP", "xAPP"),
+        ("$APP-$APP", "my-app-my-app"),
+        ("${APP}${DIR}", "my-app/mnt/x"),
+        ('${FLY_REGION == "x}y"}', 'y"}'),  # the name ends at the first }: no expression, no such variable
+        ("${FLY_REGION == ams}", "false"),  # a bare word is a variable's name, and AMS is unset
     ],
 )
 def test_expand_as_litefs(text, expanded):
