@@ -111,6 +111,9 @@ class EventStream:
                 hostname = None
             self.is_primary, self.hostname = bool(data.get("isPrimary")), hostname
             if kind == "init":
+                # TXIDs from an earlier connection may predate a restart on a restored
+                # database: until the next tx event the file decides.
+                self.txids = {}
                 self.connected = True
         elif kind == "tx" and isinstance(data, dict) and isinstance(event.get("db"), str):
             txid = parse_txid(data.get("txID"))

@@ -61,8 +61,11 @@ class Watcher:
         """The database's TXID, or None when it does not exist (or cannot be read)."""
         pos = self.node.pos(db)
         txid = pos.txid if pos is not None else None
-        if self.events is not None and db in self.events.txids:
-            txid = max(txid or 0, self.events.txids[db])
+        events = self.events
+        if events is not None and events.connected:  # while the stream is down, the file decides
+            seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
+            if seen is not None:
+                txid = max(txid or 0, seen)
         return txid
 
     def role(self) -> tuple[bool, str | None]:
