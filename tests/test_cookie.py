@@ -49,6 +49,7 @@ def test_header_secure():
         ("__txid=00000000000000FF", {"app.db": 255}),
         ("other=1; __txid=0000000000000007; more=2", {"app.db": 7}),
         ('__txid="0000000000000007"', {"app.db": 7}),
+        ("__txid=0000000000000007; __txid=00000000000000ff", {"app.db": 7}),  # the first, as Go's r.Cookie
     ],
 )
 def test_read(cookie, expected):
