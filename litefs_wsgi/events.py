@@ -10,16 +10,33 @@ import threading
 from collections.abc import Callable
 
 import urllib3
+from urllib3.connection import HTTPConnection
 
 from .node import valid_hostname
 from .txid import parse_txid
 
 log = logging.getLogger("litefs_wsgi")
 
-# LiteFS sends nothing while the cluster is idle, so silence is no failure; the read timeout
-# only bounds how long a dead connection (no FIN ever arrives) can go unnoticed.
-READ_TIMEOUT = 60.0
+# LiteFS sends nothing while the cluster is idle, so silence is no failure: a read timeout
+# would only drop a healthy stream every so often (and leave the files in charge meanwhile).
+# TCP keepalive instead notices a connection whose peer vanished (no FIN ever arrives),
+# after about KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT seconds.
+READ_TIMEOUT = None
 CONNECT_TIMEOUT = 5.0
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+_SOCKET_OPTIONS = [
+    *HTTPConnection.default_socket_options,
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    *(
+        (socket.IPPROTO_TCP, getattr(socket, name), value)
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        )
+        if hasattr(socket, name)  # Linux names; elsewhere the system's defaults apply
+    ),
+]
 MAX_LINE = 1 << 20
 
 
@@ -45,6 +62,7 @@ class EventStream:
             maxsize=1,
             retries=False,
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+            socket_options=_SOCKET_OPTIONS,
         )
         self._response = None
         self._thread = threading.Thread(target=self._run, name="litefs-events", daemon=True)

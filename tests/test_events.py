@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -13,7 +15,7 @@ from servers import serve, wait_until
 from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
-from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi import LiteFSMiddleware, events
 from litefs_wsgi.node import Node
 from litefs_wsgi.testing import LiteFSMount
 from litefs_wsgi.watcher import Watcher
@@ -355,3 +357,16 @@ def test_closing_a_watcher_ends_its_event_thread_on_an_idle_stream(replica, lite
     closer.join(20)
     assert not closer.is_alive()
     wait_until(lambda: not watcher.events._thread.is_alive(), 10, "the event thread to end")
+
+
+def test_an_idle_stream_has_no_read_timeout_and_tcp_keepalive_instead(replica, litefs, closing):
+    # LiteFS sends nothing while idle: a read timeout would drop a healthy stream every so
+    # often, log a warning, and leave the files in charge meanwhile.
+    watcher = connected_watcher(replica, litefs.url, closing)
+    fd = watcher.events._response.fileno()
+    assert os.get_blocking(fd)  # Python puts a socket with a timeout in non-blocking mode
+    with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == events.KEEPALIVE_IDLE
+    assert litefs.connections == 1
