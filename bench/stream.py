@@ -5,9 +5,10 @@
 
 Starts a target (gunicorn, sync worker, a WSGI app that counts what it is sent and sends
 what it is asked for) and the proxy (``gunicorn -c gunicorn.conf.py`` on a LiteFS-style
-primary mount), all on 127.0.0.1. Each transfer runs direct to the target and through the
-proxy, alternately, and the best of ``--rounds`` is printed side by side, with the peak
-RSS (VmHWM) of the proxy's worker processes. Everything stops by itself.
+primary mount), all on 127.0.0.1. Each transfer (an upload with a Content-Length, a chunked
+upload, a download) runs direct to the target and through the proxy, alternately; the best
+of ``--rounds`` is printed side by side, with the peak RSS (VmHWM) of the proxy's worker
+processes. Everything stops by itself.
 """
 
 from __future__ import annotations
@@ -103,16 +104,22 @@ def peak_rss_kib(pid: int) -> int:
 # -- the transfers ---------------------------------------------------------------------
 
 
-def upload(port: int, size: int) -> float:
+def upload(port: int, size: int, chunked: bool = False) -> float:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
     try:
         started = time.perf_counter()
         conn.putrequest("POST", "/upload")
-        conn.putheader("Content-Length", str(size))
+        if chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+        else:
+            conn.putheader("Content-Length", str(size))
         conn.putheader("Content-Type", "application/octet-stream")
         conn.endheaders()
         for sent in range(0, size, BLOCK):
-            conn.send(PAYLOAD[: min(BLOCK, size - sent)])
+            block = PAYLOAD[: min(BLOCK, size - sent)]
+            conn.send(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+        if chunked:
+            conn.send(b"0\r\n\r\n")
         response = conn.getresponse()
         body = response.read()
         elapsed = time.perf_counter() - started
@@ -121,6 +128,10 @@ def upload(port: int, size: int) -> float:
     if response.status != 200 or int(body) != size:
         raise SystemExit(f"upload to port {port}: {response.status} {body[:200]!r}")
     return elapsed
+
+
+def upload_chunked(port: int, size: int) -> float:
+    return upload(port, size, chunked=True)
 
 
 def download(port: int, size: int) -> float:
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline_rss = {pid: peak_rss_kib(pid) for pid in proxy_workers}
             print(f"streaming {args.size / 2**20:.0f} MiB each way, best of {args.rounds} (MiB/s)")
             print(f"{'transfer':<10}{'direct':>10}{'proxy':>10}{'proxy/direct':>14}")
-            for name, transfer in (("upload", upload), ("download", download)):
+            for name, transfer in (("upload", upload), ("chunked", upload_chunked), ("download", download)):
                 best = {"direct": float("inf"), "proxy": float("inf")}
                 for _ in range(args.rounds):
                     for mode, port in (("direct", target_port), ("proxy", proxy_port)):
