@@ -142,9 +142,6 @@ class Watcher:
             self._cond.notify_all()
 
     def _poll(self) -> None:
-        interval = self.poll_interval
-        if self.events is not None:
-            interval = max(interval, EVENT_FALLBACK_INTERVAL)
         last: dict[str, int | None] = {}
         waiters: list[_Waiter] = []
         dbs: set[str] = set()
@@ -167,6 +164,11 @@ class Watcher:
                     if all(self._reached(db, now[db], t) for db, t in waiter.targets.items()):
                         waiter.done.set()
             last = now
+            # While the stream is up its tx events wake us; while it is down the files decide,
+            # and are read as often as without an api_url.
+            interval = self.poll_interval
+            if self.events is not None and self.events.connected:
+                interval = max(interval, EVENT_FALLBACK_INTERVAL)
             with self._cond:
                 if self._waiters and not self._changed:
                     self._cond.wait(interval)
