@@ -135,8 +135,8 @@ class EchoServer:
     frame GREETING; then it echoes every frame. Other paths get ``403 Forbidden``.
     ``heads`` holds every request head received; ``closed`` counts connections that ended."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, port: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
         self.heads: list[bytes] = []
@@ -201,6 +201,6 @@ class EchoServer:
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[EchoServer]:
-    with EchoServer() as server:
+def echo_server(port: int = 0) -> Iterator[EchoServer]:
+    with EchoServer(port) as server:
         yield server

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from fwd_client import chunks, header, request, txid_cookie
 from proxy_target import GZIP_BODY, PATTERN, Target
-from proxy_ws import Client
+from proxy_ws import GREETING, TEXT, Client, echo_server
 from servers import free_port, gunicorn, port_open, serve, stop, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
@@ -222,6 +222,17 @@ def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, m
         assert status == 200
         assert json.loads(body)["body_len"] == 4
         assert app.requests == ["GET /echo", "POST /echo"]  # sent once
+        # A WebSocket upgrade waits for the target the same way.
+        thread = threading.Thread(target=lambda: result.update(ws=Client.open(port)))
+        thread.start()
+        time.sleep(0.5)
+        with echo_server(target_port) as echo:
+            thread.join(30)
+            ws = result["ws"]
+            assert ws.status == 101
+            assert ws.recv() == (TEXT, GREETING)
+            ws.close()
+            assert len(echo.heads) == 1
 
 
 def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
