@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import select
 import shutil
 import signal
@@ -282,6 +283,22 @@ def test_client_that_stays_is_served_when_the_position_arrives(tmp_path, mount, 
         waiting.join(30)
     assert results and results[0].status == 200
     assert app.paths().count("/waiting") >= 1
+
+
+def test_request_pipelined_behind_a_waiting_read_is_not_consumed_by_the_liveness_check(tmp_path, mount, recorder):
+    app, target = recorder
+    mount.set_position("app.db", 1)
+    with proxy(tmp_path, mount, target, poll_timeout="60s") as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            client.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\nCookie: __txid=0000000000000005\r\n\r\n")
+            time.sleep(0.3)  # the first read waits, checking its socket, when the second arrives
+            client.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            time.sleep(0.3)
+            mount.set_position("app.db", 5)
+            answer = read_all(client)
+    assert re.findall(rb"HTTP/1\.1 (\d+) ", answer) == [b"200", b"200"], answer
+    assert app.paths() == ["/first", "/second"]
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
