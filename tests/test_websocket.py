@@ -15,7 +15,7 @@ from servers import gunicorn, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
-IDLE = 2  # seconds; the proxy's websocket-idle-timeout
+IDLE = 3  # seconds; the proxy's websocket-idle-timeout
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def proxy_port(target, mount, tmp_path_factory):
             proxy:
               target: "127.0.0.1:{target.port}"
               db: "app.db"
-              poll-timeout: 1s
+              poll-timeout: 3s
               websocket-idle-timeout: {IDLE}s
             """)
     )
