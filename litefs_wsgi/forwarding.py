@@ -204,7 +204,10 @@ def request_body(environ: dict) -> tuple[object | None, bool]:
 
 def _chunks(stream) -> Iterator[bytes]:
     while True:
-        chunk = stream.read(CHUNK)
+        try:
+            chunk = stream.read(CHUNK)
+        except OSError as exc:  # gunicorn's NoMoreData: the client stopped mid-body, not the primary
+            raise ClientDisconnected() from exc
         if not chunk:
             return
         yield chunk
