@@ -356,3 +356,23 @@ def test_mount_disappearing_serves_reads_and_writes(tmp_path, replacement):
     mount.set_position("app.db", 3)
     slow = Client(LiteFSMiddleware(_app, db="app.db", mount_dir=mount.path, poll_timeout=0.05), use_cookies=False)
     assert slow.get("/", headers={"Cookie": "__txid=0000000000000009"}).status_code == 504
+
+
+def test_mount_disappearing_under_gunicorn_never_answers_500(tmp_path, recorder):
+    app, target = recorder
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_replica(target.removeprefix("http://"))
+    mount.set_position("app.db", 3)
+    with proxy(tmp_path, mount, target, threads=2, primary_url="http://{hostname}", poll_timeout="30s") as url:
+        cookie = {"Cookie": "__txid=0000000000000009"}
+        shutil.rmtree(mount.path)
+        assert get(url, "/read", headers=cookie).status == 200  # nothing to wait for
+        assert get(url, "/litefs/health").status == 200
+        # No .primary: this node takes itself for the primary and serves the write, no cookie.
+        write = urllib3.request("POST", url + "/write", body=b"x", timeout=20, retries=False)
+        assert write.status == 200 and "Set-Cookie" not in write.headers
+        # LiteFS is back, as a replica: the write goes to the primary again.
+        mount = LiteFSMount(mount.path)
+        mount.make_replica(target.removeprefix("http://"))
+        assert urllib3.request("POST", url + "/again", body=b"x", timeout=20, retries=False).status == 200
+    assert app.paths() == ["/read", "/write", "/again"]
