@@ -106,7 +106,7 @@ class Watcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll, name="litefs-watcher", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()  # notify() could wake a wait_for_role() caller instead of the poller
         try:
             if alive is None:
                 return waiter.done.wait(timeout) or self.reached(targets)
