@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
@@ -108,10 +109,14 @@ def init_db(path: str) -> None:
 
 
 def read_notes(path: str) -> list[tuple]:
-    conn = sqlite3.connect(path, timeout=10)
+    # Read-only, as a LiteFS replica's database is: a read never creates the file.
+    try:
+        conn = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:  # not replicated here yet
+        return []
     try:
         return conn.execute("SELECT id, text, created FROM notes ORDER BY id DESC LIMIT 50").fetchall()
-    except sqlite3.OperationalError:  # not replicated here yet
+    except sqlite3.OperationalError:
         return []
     finally:
         conn.close()
@@ -235,8 +240,12 @@ class Cluster:
         self.replication.stop()
         for middleware in self.middlewares:
             middleware.forwarder.close()
-        if not self.keep_dir:
+        # A request thread still running may write while the tree goes: try again.
+        for _ in range(5):
+            if self.keep_dir or not os.path.exists(self.dir):
+                break
             shutil.rmtree(self.dir, ignore_errors=True)
+            time.sleep(0.05)
 
 
 def _handler(node: str, quiet: bool) -> type[WSGIRequestHandler]:
