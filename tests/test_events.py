@@ -72,11 +72,6 @@ class FakeLiteFS:
             for stream in self._streams:
                 stream.put(None)
 
-    @property
-    def open_streams(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
     def _events(self) -> Iterator[bytes]:
         stream: queue.Queue = queue.Queue()
         init = {"isPrimary": self.is_primary}
