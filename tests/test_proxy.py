@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -193,7 +194,9 @@ def test_server_sent_events_arrive_one_by_one(proxy, target):
 @contextlib.contextmanager
 def litefs_wsgi_serve(config: str):
     port = free_port()
-    command = [shutil.which("litefs-wsgi") or "litefs-wsgi", "serve", "--config", config]
+    # The console command of this Python's environment (a venv need not be activated).
+    beside = os.path.join(os.path.dirname(sys.executable), "litefs-wsgi")
+    command = [beside if os.path.exists(beside) else shutil.which("litefs-wsgi"), "serve", "--config", config]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
