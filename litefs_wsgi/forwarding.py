@@ -214,8 +214,11 @@ def _chunks(stream) -> Iterator[bytes]:
 
 
 def response_headers(response) -> list[tuple[str, str]]:
-    """The answer's headers as sent, each repeated header (``Set-Cookie``) kept apart."""
-    drop = _connection_tokens(response.headers.get("Connection"))
+    """The answer's headers as sent, each repeated header (``Set-Cookie``) kept apart.
+
+    ``Date`` and ``Server`` are left to the WSGI server, which writes its own (gunicorn
+    always does): relayed too, the client would get each twice."""
+    drop = _connection_tokens(response.headers.get("Connection")) | {"date", "server"}
     return [
         (name, value)
         for name, value in response.headers.items()

@@ -82,6 +82,16 @@ def client_alive(environ: dict) -> Callable[[], bool] | None:
     return alive
 
 
+def enable_debug_log() -> None:
+    """Show the routing decisions, as LiteFS's ``debug: true`` does: on stderr unless the
+    app has configured logging itself."""
+    log.setLevel(logging.DEBUG)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s litefs-wsgi: %(message)s"))
+        log.addHandler(handler)
+
+
 class LiteFSMiddleware:
     """Make a WSGI app behave on a LiteFS cluster, as LiteFS's proxy does, in-process.
 
@@ -115,7 +125,7 @@ class LiteFSMiddleware:
         self._passthrough = compile_patterns(config.passthrough)
         self._always_forward = compile_patterns(config.always_forward)
         if config.debug:
-            log.setLevel(logging.DEBUG)
+            enable_debug_log()
 
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
         # The hop marker is ours and never reaches the app. From a client it can only make
