@@ -102,7 +102,9 @@ class EventStream:
             if response.status != 200:
                 raise OSError(f"HTTP {response.status}")
             buffer = b""
-            for chunk in response.stream(4096):
+            # Each chunk as it arrives: read(4096) on an unframed stream would wait for 4 KiB.
+            chunks = response.stream(4096) if response.chunked else iter(lambda: response.read1(4096), b"")
+            for chunk in chunks:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
