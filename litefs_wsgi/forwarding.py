@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 import urllib3
@@ -18,6 +20,7 @@ from werkzeug.wsgi import ClosingIterator, LimitedStream, get_content_length, ge
 from .errors import error, status_line
 
 log = logging.getLogger("litefs_wsgi")
+T = TypeVar("T")
 
 # Set on a request that one node forwards to another. A node that is not the primary never
 # forwards such a request again, so two replicas that each think the other is the primary
@@ -25,6 +28,8 @@ log = logging.getLogger("litefs_wsgi")
 HOP_HEADER = "X-LiteFS-Forwarded"
 HOP_ENVIRON_KEY = "HTTP_" + HOP_HEADER.upper().replace("-", "_")
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 CHUNK = 64 * 1024
 # A body of known length, and answers, are copied in larger blocks: gunicorn's wsgi.input
 # reads 64 KiB at a time at about 200 MiB/s and 1 MiB about four times faster (bench/stream.py).
@@ -48,8 +53,7 @@ class Forwarder:
     def __init__(self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        # Each dial attempt is bounded too: a silent host must not hold the thread forever.
-        self._timeout = urllib3.Timeout(connect=min(connect_timeout, 5.0) or 5.0, read=read_timeout or None)
+        self._read = read_timeout or None  # 0: no limit
         self._pools = urllib3.PoolManager(
             num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=BLOCK
         )
@@ -64,7 +68,6 @@ class Forwarder:
         ``Proxy error: …`` (504 when the other side stays silent past ``read_timeout``).
         """
         base = urlsplit(base_url)
-        pool = self._pools.connection_from_url(base_url)
         body, chunked = request_body(environ)
         headers = request_headers(environ, mark=mark, chunked=chunked)
         # urllib3 would add "User-Agent: python-urllib3/…" and "Accept-Encoding: identity"
@@ -76,6 +79,7 @@ class Forwarder:
         target = base.path.rstrip("/") + request_target(environ)
         method = environ["REQUEST_METHOD"]
         try:
+            pool = self._pools.connection_from_url(base_url)
             response = self._send(pool, method, target, body, headers, chunked)
         except ClientDisconnected:
             log.info("client went away while its request body was being forwarded to %s", base_url)
@@ -86,37 +90,56 @@ class Forwarder:
             )
         except HTTPError as exc:
             return error(start_response, 502, f"Proxy error: {describe(exc, base.netloc)}")
+        except urllib3.exceptions.LocationParseError as exc:
+            return error(start_response, 502, f"Proxy error: cannot forward to {base_url!r}: {exc}")
         except ValueError as exc:
             # http.client refuses to write a method or header name that is not a token, or a
             # value with a line break: it checks before sending a byte. Gunicorn never lets
             # one through, other servers may; forwarding it could only be read two ways.
             log.info("refusing to forward %r to %s: %s", method, base_url, exc)
             return error(start_response, 400, "Proxy error: request has an invalid method or header")
-        start_response(_status(response), response_headers(response))
+        try:
+            headers = response_headers(response)
+        except ValueError as exc:
+            response.close()
+            response.release_conn()
+            log.warning("%s: %s", base.netloc, exc)
+            return error(start_response, 502, f"Proxy error: {base.netloc} sent an invalid response header")
+        start_response(status_of(response), headers)
         return relay(response)
 
     def _send(self, pool, method, target, body, headers, chunked):
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            try:
-                return pool.urlopen(
-                    method,
-                    target,
-                    body=body,
-                    headers=headers,
-                    chunked=chunked,
-                    retries=False,
-                    redirect=False,
-                    assert_same_host=False,
-                    preload_content=False,
-                    decode_content=False,
-                    release_conn=False,
-                    timeout=self._timeout,
-                )
-            except NewConnectionError as exc:
-                if not refused(exc) or time.monotonic() + RETRY_REFUSED_EVERY > deadline:
-                    raise
-            time.sleep(RETRY_REFUSED_EVERY)
+        def attempt(time_left: float):
+            return pool.urlopen(
+                method,
+                target,
+                body=body,
+                headers=headers,
+                chunked=chunked,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+                decode_content=False,
+                release_conn=False,
+                timeout=urllib3.Timeout(connect=time_left, read=self._read),
+            )
+
+        return dial(attempt, self.connect_timeout)
+
+
+def dial(attempt: Callable[[float], T], connect_timeout: float) -> T:
+    """``attempt(time_left)``, again every 100 ms while the connection is refused (nothing
+    was sent, so trying again is safe), until ``connect_timeout``. Each attempt gets the time
+    left: a host that drops packets is given the whole ``connect_timeout``, as by LiteFS."""
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            return attempt(max(deadline - time.monotonic(), RETRY_REFUSED_EVERY))
+        except Exception as exc:
+            if not refused(exc) or time.monotonic() + RETRY_REFUSED_EVERY > deadline:
+                raise
+        time.sleep(RETRY_REFUSED_EVERY)
 
 
 def refused(exc: BaseException) -> bool:
@@ -128,14 +151,16 @@ def refused(exc: BaseException) -> bool:
     return False
 
 
-def describe(exc: HTTPError, netloc: str) -> str:
+def describe(exc: Exception, netloc: str) -> str:
     """A one-line account of a failure to reach ``netloc``, for a 502 body and the log."""
+    if refused(exc):
+        return f"connection refused by {netloc}"
     if isinstance(exc, NewConnectionError):
-        if refused(exc):
-            return f"connection refused by {netloc}"
         return f"cannot connect to {netloc}"
-    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+    if isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, TimeoutError)):
         return f"timed out connecting to {netloc}"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {netloc} ({exc})"
     return f"{netloc} closed the connection or sent a bad response ({type(exc).__name__})"
 
 
@@ -213,20 +238,30 @@ def _chunks(stream) -> Iterator[bytes]:
         yield chunk
 
 
-def response_headers(response) -> list[tuple[str, str]]:
-    """The answer's headers as sent, each repeated header (``Set-Cookie``) kept apart.
+def response_headers(response, upgrade: bool = False) -> list[tuple[str, str]]:
+    """The answer's headers as sent (urllib3's or http.client's), each repeated header
+    (``Set-Cookie``) kept apart, hop-by-hop ones dropped; for a ``101`` (``upgrade``),
+    ``Upgrade`` and ``Connection`` are kept: gunicorn needs them to send its upgrade head.
 
     ``Date`` and ``Server`` are left to the WSGI server, which writes its own (gunicorn
     always does): relayed too, the client would get each twice."""
     drop = _connection_tokens(response.headers.get("Connection")) | {"date", "server"}
-    return [
-        (name, value)
-        for name, value in response.headers.items()
-        if not is_hop_by_hop_header(name) and name.lower() not in drop
-    ]
+    headers = []
+    for name, value in response.headers.items():
+        lower = name.lower()
+        if upgrade and lower in ("upgrade", "connection"):
+            pass
+        elif is_hop_by_hop_header(name) or lower in drop:
+            continue
+        # http.client lets these through; the WSGI server would refuse them mid-answer.
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+            raise ValueError(f"invalid response header {name!r}: {value[:64]!r}")
+        headers.append((name, value))
+    return headers
 
 
-def _status(response) -> str:
+def status_of(response) -> str:
+    """The answer's status line for ``start_response``."""
     return f"{response.status} {response.reason}" if response.reason else status_line(response.status)
 
 

@@ -48,12 +48,23 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern | None:
 def local_port(environ: dict) -> str:
     """The port this request came in on (gunicorn's SERVER_PORT follows the Host header)."""
     sock = environ.get("gunicorn.socket")
-    if sock is not None:
-        try:
-            return str(sock.getsockname()[1])
-        except (OSError, IndexError, TypeError):
-            pass
+    try:
+        address = sock.getsockname() if sock is not None else None
+    except OSError:
+        address = None
+    if isinstance(address, tuple):  # not a unix socket, whose address is a path
+        return str(address[1])
     return str(environ.get("SERVER_PORT", "80"))
+
+
+def request_path(environ: dict) -> str:
+    """The path as LiteFS matches it (Go's URL.Path): decoded, and UTF-8 rather than WSGI's
+    latin-1 text, so that a pattern such as ``/café/*`` matches."""
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    try:
+        return path.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return path
 
 
 def client_alive(environ: dict) -> Callable[[], bool] | None:
@@ -128,22 +139,19 @@ class LiteFSMiddleware:
             enable_debug_log()
 
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
-        # The hop marker is ours and never reaches the app. From a client it can only make
-        # this node refuse to forward, never choose where a request goes.
+        # The hop marker is ours and never reaches the app. It only makes this node refuse
+        # to forward the request again (and, on the primary, answer it with the cookie):
+        # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path = request_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
             return self.app(environ, start_response)
         if method == "GET" and path == HEALTH_PATH:
             return self._health(start_response)
-        if (
-            marked
-            or method not in ("GET", "HEAD")
-            or (self._always_forward is not None and self._always_forward.fullmatch(path))
-        ):
+        if method not in ("GET", "HEAD") or (self._always_forward is not None and self._always_forward.fullmatch(path)):
             return self._write(environ, start_response, method, path, replayed)
         return self._read(environ, start_response, method, path, replayed)
 
@@ -188,7 +196,7 @@ class LiteFSMiddleware:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
             return self._serve_write(environ, start_response)
-        return self._serve_read(environ, start_response, method, path)
+        return self._serve_read(environ, start_response, method, path, replayed)
 
     def _log_timeout(self, targets: dict[str, int]) -> None:
         for db, target in targets.items():
@@ -203,7 +211,7 @@ class LiteFSMiddleware:
             else:
                 log.info("read timed out waiting for %s to reach TXID %d (at %d)", db, target, txid)
 
-    def _serve_read(self, environ, start_response, method, path) -> Iterable[bytes]:
+    def _serve_read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         """Call the app; a view that raises ReplayOnPrimary gets its request sent to the primary."""
         replay: list[bool] = []
 
@@ -223,7 +231,7 @@ class LiteFSMiddleware:
             log.error("ReplayOnPrimary raised on the primary for %s %s", method, path)
             return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
         self._debug("replayed on the primary by the app", method, path)
-        return self._write(environ, start_response, method, path, replayed=False)
+        return self._write(environ, start_response, method, path, replayed)
 
     def _write(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         is_primary, primary = self.watcher.role()

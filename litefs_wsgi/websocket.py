@@ -13,20 +13,17 @@ import logging
 import selectors
 import socket
 import ssl
-import time
 from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from werkzeug.datastructures import EnvironHeaders
-from werkzeug.http import is_hop_by_hop_header, parse_list_header
 from werkzeug.wsgi import ClosingIterator
 
-from .errors import error, status_line
-from .forwarding import CHUNK, RETRY_REFUSED_EVERY, Forwarder, request_headers, request_target
+from .errors import error
+from .forwarding import CHUNK, Forwarder, describe, dial, request_headers, request_target, response_headers, status_of
 
 log = logging.getLogger("litefs_wsgi")
 
-MAX_DIAL = 5.0  # one connection attempt; a silent host must not hold the thread for long
 STALLED_SEND = 300.0  # without an idle limit, a peer not reading this long is dropped
 
 
@@ -45,7 +42,7 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
     try:
         upstream = connect(base, forwarder.connect_timeout)
     except OSError as exc:
-        return error(start_response, 502, f"Proxy error: {_describe(exc, netloc)}")
+        return error(start_response, 502, f"Proxy error: {describe(exc, netloc)}")
     try:
         upstream.settimeout(forwarder.read_timeout or None)
         upstream.sendall(upgrade_request(environ, base.path))
@@ -59,13 +56,19 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
     except (OSError, http.client.HTTPException) as exc:
         upstream.close()
         return error(start_response, 502, f"Proxy error: {netloc} closed the connection or sent a bad answer ({exc!r})")
+    try:
+        headers = response_headers(response, upgrade=response.status == 101)
+    except ValueError as exc:
+        upstream.close()
+        log.warning("%s: %s", netloc, exc)
+        return error(start_response, 502, f"Proxy error: {netloc} sent an invalid response header")
     if response.status != 101:
-        start_response(_status(response), relayed_headers(response))
+        start_response(status_of(response), headers)
         return ClosingIterator(_body(response), upstream.close)
     client = environ["gunicorn.socket"]
     # gunicorn writes the head itself (it keeps Upgrade and sends Connection: upgrade);
     # without a write before the pipe it would send its 101 head later, into the stream.
-    write = start_response(_status(response), relayed_headers(response, upgrade=True))
+    write = start_response(status_of(response), headers)
     # gunicorn's write is its Response's method: once the tunnel is over, the connection
     # must close, or bytes the client sent after the last frame are served as a request.
     getattr(getattr(write, "__self__", None), "force_close", lambda: None)()
@@ -91,27 +94,11 @@ def _finish(client: socket.socket, upstream: socket.socket, idle_timeout: float)
     return []
 
 
-def _describe(exc: OSError, netloc: str) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {netloc}"
-    if isinstance(exc, socket.timeout):
-        return f"timed out connecting to {netloc}"
-    return f"cannot connect to {netloc} ({exc})"
-
-
 def connect(base, connect_timeout: float) -> socket.socket:
     """A connection to ``base`` (a split URL), dialled again every 100 ms while refused."""
     host = base.hostname or "localhost"
     port = base.port or (443 if base.scheme == "https" else 80)
-    deadline = time.monotonic() + connect_timeout
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=min(connect_timeout, MAX_DIAL) or MAX_DIAL)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() + RETRY_REFUSED_EVERY > deadline:
-                raise
-        time.sleep(RETRY_REFUSED_EVERY)
+    sock = dial(lambda time_left: socket.create_connection((host, port), timeout=time_left), connect_timeout)
     if base.scheme == "https":
         sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
     return sock
@@ -134,24 +121,6 @@ def upgrade_request(environ: dict, base_path: str = "") -> bytes:
     lines = [f"{environ['REQUEST_METHOD']} {target} HTTP/1.1"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def relayed_headers(response: http.client.HTTPResponse, upgrade: bool = False) -> list[tuple[str, str]]:
-    """The target's headers, repeated ones kept apart, hop-by-hop ones dropped (for a ``101``,
-    ``Upgrade`` and ``Connection`` are kept: gunicorn needs them to send its upgrade head)."""
-    drop = {token.lower() for token in parse_list_header(response.headers.get("Connection") or "")}
-    kept = []
-    for name, value in response.headers.items():
-        lower = name.lower()
-        if upgrade and lower in ("upgrade", "connection"):
-            kept.append((name, value))
-        elif not is_hop_by_hop_header(name) and lower not in drop:
-            kept.append((name, value))
-    return kept
-
-
-def _status(response: http.client.HTTPResponse) -> str:
-    return f"{response.status} {response.reason}" if response.reason else status_line(response.status)
 
 
 def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
