@@ -7,7 +7,7 @@ import hmac
 import time
 from collections.abc import Mapping, Sequence
 
-from werkzeug.http import dump_cookie, parse_cookie
+from werkzeug.http import http_date, parse_cookie
 
 from .txid import format_txid, parse_txid
 
@@ -82,4 +82,7 @@ class TxidCookie:
         if self.secret is not None:
             payload = f"{value}.{int(expires):x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
-        return dump_cookie(COOKIE_NAME, value, expires=expires, path="/", httponly=True, secure=secure, samesite="Lax")
+        # Go's http.Cookie order, as LiteFS writes it; then our Secure and SameSite.
+        return f"{COOKIE_NAME}={value}; Path=/; Expires={http_date(expires)}; HttpOnly" + (
+            "; Secure; SameSite=Lax" if secure else "; SameSite=Lax"
+        )

@@ -1,5 +1,6 @@
 """The ``__txid`` cookie: LiteFS's format, SameSite and Secure, bad cookies ignored."""
 
+import re
 import time
 from email.utils import parsedate_to_datetime
 
@@ -35,6 +36,16 @@ def test_header_has_litefs_format():
     expires = parsedate_to_datetime(attrs["expires"]).timestamp()
     # Expires has a resolution of one second.
     assert before + 300 - 1 <= expires <= time.time() + 300 + 1
+
+
+def test_header_is_byte_for_byte_go_order():
+    """LiteFS's Go writes Path, Expires, HttpOnly in this order; ours add Secure, SameSite."""
+    header = TxidCookie(["app.db"], expiry=300).header({"app.db": 7}, secure=True)
+    assert re.fullmatch(
+        r"__txid=0000000000000007; Path=/; Expires=\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT; "
+        r"HttpOnly; Secure; SameSite=Lax",
+        header,
+    ), header
 
 
 def test_header_secure():
