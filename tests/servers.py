@@ -1,18 +1,27 @@
-"""Real servers on 127.0.0.1 for the tests: werkzeug in a thread, gunicorn in a subprocess."""
+"""Real servers on 127.0.0.1 for the tests: werkzeug in a thread, gunicorn and other commands in a subprocess."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import http.client
+import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from litefs_wsgi.testing import LiteFSMount
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +42,25 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def in_thread(target: Callable, *args) -> tuple[threading.Thread, list]:
+    """Call ``target(*args)`` in a daemon thread; its return value is appended to the list."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(target(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def recording_app(calls: list, body: bytes = b"ok", record: str = "PATH_INFO"):
+    """A WSGI app answering 200 ``body`` that appends each request's ``environ[record]`` to ``calls``."""
+
+    def app(environ, start_response):
+        calls.append(environ[record])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body]
+
+    return app
 
 
 def port_open(port: int) -> bool:
@@ -58,20 +86,36 @@ def serve(app, port: int = 0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def gunicorn(args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-             cwd: str = ROOT) -> Iterator[tuple[str, subprocess.Popen]]:
+def listening(command: list[str], port: int, env: dict[str, str] | None = None, cwd: str = ROOT):
+    """Run ``command`` until it listens on 127.0.0.1:``port``; yields the process, stopped on exit.
+
+    Its output is read all along: a server that logs each request would block on a full pipe.
+    """
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: collections.deque[bytes] = collections.deque(maxlen=100)
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, 60, f"{command[:3]} on port {port}")
+        if proc.poll() is not None:
+            reader.join(5)
+            raise AssertionError(f"{command[:3]} exited {proc.returncode}: {b''.join(output).decode()[-3000:]}")
+        yield proc
+    finally:
+        stop(proc)
+        reader.join(5)
+
+
+@contextlib.contextmanager
+def gunicorn(
+    args: list[str], env: dict[str, str] | None = None, port: int | None = None, cwd: str = ROOT
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``gunicorn ARGS`` bound to 127.0.0.1; yields (base URL, process) once it listens."""
     port = port or free_port()
     full_env = {**os.environ, **(env or {}), "GUNICORN_BIND": f"127.0.0.1:{port}"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *args],
-                            cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: port_open(port) or proc.poll() is not None, 30, f"gunicorn on port {port}")
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *args]
+    with listening(command, port, full_env, cwd) as proc:
         yield f"http://127.0.0.1:{port}", proc
-    finally:
-        stop(proc)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -82,3 +126,143 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+# -- the standalone proxy ----------------------------------------------------------------------
+
+
+def proxy_config(directory, mount: LiteFSMount, target: str, **options: object) -> str:
+    """A new litefs.yml in ``directory`` for the standalone proxy in front of ``target`` (host:port)
+    on ``mount``, tracking app.db; ``options`` go under ``proxy:`` (``poll_timeout`` as ``poll-timeout``).
+    Returns its path."""
+    lines = [f"  {key.replace('_', '-')}: {value}\n" for key, value in options.items()]
+    fd, path = tempfile.mkstemp(prefix="litefs-", suffix=".yml", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'fuse:\n  dir: "{mount.path}"\nproxy:\n  target: "{target}"\n  db: "app.db"\n' + "".join(lines))
+    return path
+
+
+@contextlib.contextmanager
+def standalone_proxy(config: str, threads: int = 1) -> Iterator[str]:
+    """The standalone proxy, ``gunicorn -c gunicorn.conf.py`` with one worker, reading ``config``; yields its URL."""
+    env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": str(threads)}
+    with gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py")], env=env) as (url, _proc):
+        yield url
+
+
+def form_request(url: str, method: str = "GET", path: str = "/", body: str | None = None, cookie: str | None = None):
+    """One request as a browser sends it (a form body, a Cookie header); (status, headers, text)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+    if cookie:
+        headers["Cookie"] = cookie
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read().decode()
+    finally:
+        conn.close()
+
+
+# -- LiteFS's HTTP API ---------------------------------------------------------------------------
+
+
+def tx_event(db: str, txid: int) -> dict:
+    """A ``tx`` event exactly as LiteFS writes it."""
+    return {
+        "type": "tx",
+        "db": db,
+        "data": {
+            "txID": f"{txid:016x}",
+            "postApplyChecksum": f"{txid * 7919:016x}",
+            "pageSize": 4096,
+            "commit": 2,
+            "timestamp": "2026-11-24T13:30:00.123456789Z",
+        },
+    }
+
+
+def primary_change(is_primary: bool, hostname: str | None = None) -> dict:
+    """A ``primaryChange`` event; LiteFS omits ``hostname`` when it is empty."""
+    data: dict = {"isPrimary": is_primary}
+    if hostname:
+        data["hostname"] = hostname
+    return {"type": "primaryChange", "data": data}
+
+
+class FakeLiteFS:
+    """LiteFS's HTTP API on 127.0.0.1: ``GET /info`` and a chunked, never-ending ``GET /events``.
+
+    Each ``/events`` connection first gets ``init`` (built from ``is_primary`` and
+    ``hostname`` as they are when it connects), then whatever ``send()`` broadcasts;
+    ``drop()`` ends every open stream, as LiteFS does to a slow reader.
+    """
+
+    def __init__(self, is_primary: bool = False, hostname: str | None = "node-a") -> None:
+        self.is_primary = is_primary
+        self.hostname = hostname
+        self.info: dict = {}
+        self.connections = 0
+        self._streams: list[queue.Queue] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.url = ""
+
+    def send(self, event: dict) -> None:
+        self.send_raw(json.dumps(event).encode() + b"\n")
+
+    def send_raw(self, line: bytes) -> None:
+        """Broadcast ``line`` as it is, even when it is not an event."""
+        with self._lock:
+            for stream in self._streams:
+                stream.put(line)
+
+    def drop(self) -> None:
+        with self._lock:
+            for stream in self._streams:
+                stream.put(None)
+
+    def _events(self) -> Iterator[bytes]:
+        stream: queue.Queue = queue.Queue()
+        init = {"isPrimary": self.is_primary}
+        if self.hostname:
+            init["hostname"] = self.hostname
+        with self._lock:
+            self.connections += 1
+            self._streams.append(stream)
+        try:
+            yield json.dumps({"type": "init", "data": init}).encode() + b"\n"
+            while not self._stopped.is_set():
+                try:
+                    line = stream.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    return
+                yield line
+        finally:
+            with self._lock:
+                self._streams.remove(stream)
+
+    def __call__(self, environ, start_response):
+        request = Request(environ)
+        if request.path == "/events":
+            # No Content-Length: werkzeug's HTTP/1.1 server sends it chunked, as Go's does.
+            return Response(self._events(), content_type="application/json")(environ, start_response)
+        if request.path == "/info":
+            info = {"id": "ABC", "clusterID": "LFSC1", "isPrimary": self.is_primary, "candidate": True}
+            info.update(path="/litefs", primary={"hostname": self.hostname} if self.hostname else {})
+            info.update(self.info)
+            return Response(json.dumps(info), content_type="application/json")(environ, start_response)
+        return Response("not found", 404)(environ, start_response)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[FakeLiteFS]:
+        with serve(self) as url:
+            self.url = url
+            try:
+                yield self
+            finally:
+                self._stopped.set()
+                self.drop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import re
 import signal
@@ -11,11 +10,11 @@ import sqlite3
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from servers import port_open, stop, wait_until
+from servers import form_request, port_open, stop, wait_until
 
 DEMO = [sys.executable, "-m", "litefs_wsgi.cli", "demo"]
 POS = re.compile(rb"[0-9a-f]{16}/[0-9a-f]{16}\n")
@@ -44,40 +43,34 @@ def test_check_fails_when_replication_outlasts_poll_timeout():
 
 
 @contextlib.contextmanager
-def demo(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, dict[str, str], str]]:
-    """The interactive demo in a subprocess; yields (process, URLs by node, mounts directory)."""
+def demo_process(tmp_path, args: list[str], ready: Callable[[str], bool], what: str):
+    """``litefs-wsgi demo ARGS`` in a subprocess writing to a log file; yields (process, its log)
+    once ``ready(log)``. The log as it ends is kept in ``process.log``."""
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*DEMO, "--port", "0", *args], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*DEMO, *args], stdout=out, stderr=subprocess.STDOUT)
     try:
 
         def started():
             text = log.read_text()
             if proc.poll() is not None:
                 raise AssertionError(f"demo exited {proc.returncode}: {text}")
-            return "Ctrl-C" in text and text
+            return ready(text) and text
 
-        text = wait_until(started, 30, "the demo to start")
-        urls = dict(re.findall(r"^  (replica|primary)  (http://127\.0\.0\.1:\d+)/", text, re.M))
-        mounts = re.search(r"^mounts: (\S+)", text, re.M)[1]
-        yield proc, urls, mounts
+        yield proc, wait_until(started, 60, what)
     finally:
         stop(proc)
     proc.log = log.read_text()
 
 
-def request(url: str, method: str = "GET", path: str = "/", body: str | None = None, cookie: str | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
-    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
-    if cookie:
-        headers["Cookie"] = cookie
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read().decode()
-    finally:
-        conn.close()
+@contextlib.contextmanager
+def demo(tmp_path, *args: str) -> Iterator[tuple[subprocess.Popen, dict[str, str], str]]:
+    """The interactive demo; yields (process, URLs by node, mounts directory)."""
+    running = demo_process(tmp_path, ["--port", "0", *args], lambda text: "Ctrl-C" in text, "the demo to start")
+    with running as (proc, text):
+        urls = dict(re.findall(r"^  (replica|primary)  (http://127\.0\.0\.1:\d+)/", text, re.M))
+        mounts = re.search(r"^mounts: (\S+)", text, re.M)[1]
+        yield proc, urls, mounts
 
 
 def read(path: str) -> bytes:
@@ -94,12 +87,12 @@ def change_counter(db: str) -> int:
 def test_interactive_demo_serves_both_nodes_and_stops_cleanly(tmp_path, sig):
     with demo(tmp_path, "--lag", "200ms") as (proc, urls, mounts):
         for node in ("replica", "primary"):
-            status, _, page = request(urls[node])
+            status, _, page = form_request(urls[node])
             assert status == 200 and f"served by the <b>{node}</b>" in page
-        status, headers, _ = request(urls["replica"], "POST", "/notes", body="text=from-the-test")
+        status, headers, _ = form_request(urls["replica"], "POST", "/notes", body="text=from-the-test")
         assert status == 303 and headers["Location"] == "/"
         cookie = headers["Set-Cookie"].split(";")[0]
-        status, _, page = request(urls["replica"], cookie=cookie)
+        status, _, page = form_request(urls["replica"], cookie=cookie)
         assert status == 200 and "from-the-test" in page
         assert os.path.isdir(mounts)
         proc.send_signal(sig)
@@ -137,7 +130,7 @@ def test_control_files_are_litefs_s(tmp_path):
         wait_until(lag_moves, 10, ".lag to stay current")
         assert read(replica / "notes.db-pos") == pos
 
-        status, headers, _ = request(urls["replica"], "POST", "/notes", body="text=hello")
+        status, headers, _ = form_request(urls["replica"], "POST", "/notes", body="text=hello")
         assert status == 303
         txid = re.search(r"__txid=([0-9a-f]{16});", headers["Set-Cookie"])[1]
         after = read(primary / "notes.db-pos")
@@ -153,17 +146,12 @@ def test_control_files_are_litefs_s(tmp_path):
 
 
 def test_check_stops_cleanly_on_sigterm_while_a_read_waits(tmp_path):
-    log = tmp_path / "check.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*DEMO, "--check", "--lag", "60s", "--poll-timeout", "60s"], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        # Step 4 is the read that waits for replication: a minute, here.
-        text = wait_until(lambda: "\n4. " not in log.read_text() and "\n3. " in log.read_text() and log.read_text())
+    def reading(text: str) -> bool:
+        return "\n3. " in text and "\n4. " not in text  # step 4 is the read that waits a minute, here
+
+    args = ["--check", "--lag", "60s", "--poll-timeout", "60s"]
+    with demo_process(tmp_path, args, reading, "the read that waits") as (proc, text):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 130
-    finally:
-        stop(proc)
     mounts = re.search(r"^mounts: (\S+)", text, re.M)[1]
-    assert not os.path.exists(mounts) and "interrupted" in log.read_text()
+    assert not os.path.exists(mounts) and "interrupted" in proc.log

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import queue
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
-from servers import serve, wait_until
+from servers import FakeLiteFS, free_port, in_thread, primary_change, recording_app, serve, tx_event, wait_until
 from werkzeug.test import Client
-from werkzeug.wrappers import Request, Response
 
 from litefs_wsgi import LiteFSMiddleware, events
 from litefs_wsgi.node import Node
@@ -21,114 +16,10 @@ from litefs_wsgi.testing import LiteFSMount
 from litefs_wsgi.watcher import Watcher
 
 
-def tx_event(db: str, txid: int) -> dict:
-    """A ``tx`` event exactly as LiteFS writes it."""
-    return {
-        "type": "tx",
-        "db": db,
-        "data": {
-            "txID": f"{txid:016x}",
-            "postApplyChecksum": f"{txid * 7919:016x}",
-            "pageSize": 4096,
-            "commit": 2,
-            "timestamp": "2026-11-24T13:30:00.123456789Z",
-        },
-    }
-
-
-def primary_change(is_primary: bool, hostname: str | None = None) -> dict:
-    """A ``primaryChange`` event; LiteFS omits ``hostname`` when it is empty."""
-    data: dict = {"isPrimary": is_primary}
-    if hostname:
-        data["hostname"] = hostname
-    return {"type": "primaryChange", "data": data}
-
-
-class FakeLiteFS:
-    """LiteFS's HTTP API on 127.0.0.1: ``GET /info`` and a chunked, never-ending ``GET /events``.
-
-    Each ``/events`` connection first gets ``init`` (built from ``is_primary`` and
-    ``hostname`` as they are when it connects), then whatever ``send()`` broadcasts;
-    ``drop()`` ends every open stream, as LiteFS does to a slow reader.
-    """
-
-    def __init__(self, is_primary: bool = False, hostname: str | None = "node-a") -> None:
-        self.is_primary = is_primary
-        self.hostname = hostname
-        self.info: dict = {}
-        self.connections = 0
-        self._streams: list[queue.Queue] = []
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self.url = ""
-
-    def send(self, event: dict) -> None:
-        with self._lock:
-            for stream in self._streams:
-                stream.put(json.dumps(event).encode() + b"\n")
-
-    def drop(self) -> None:
-        with self._lock:
-            for stream in self._streams:
-                stream.put(None)
-
-    def _events(self) -> Iterator[bytes]:
-        stream: queue.Queue = queue.Queue()
-        init = {"isPrimary": self.is_primary}
-        if self.hostname:
-            init["hostname"] = self.hostname
-        with self._lock:
-            self.connections += 1
-            self._streams.append(stream)
-        try:
-            yield json.dumps({"type": "init", "data": init}).encode() + b"\n"
-            while not self._stopped.is_set():
-                try:
-                    line = stream.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if line is None:
-                    return
-                yield line
-        finally:
-            with self._lock:
-                self._streams.remove(stream)
-
-    def __call__(self, environ, start_response):
-        request = Request(environ)
-        if request.path == "/events":
-            # No Content-Length: werkzeug's HTTP/1.1 server sends it chunked, as Go's does.
-            return Response(self._events(), content_type="application/json")(environ, start_response)
-        if request.path == "/info":
-            info = {"id": "ABC", "clusterID": "LFSC1", "isPrimary": self.is_primary, "candidate": True}
-            info.update(path="/litefs", primary={"hostname": self.hostname} if self.hostname else {})
-            info.update(self.info)
-            return Response(json.dumps(info), content_type="application/json")(environ, start_response)
-        return Response("not found", 404)(environ, start_response)
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[FakeLiteFS]:
-        with serve(self) as url:
-            self.url = url
-            try:
-                yield self
-            finally:
-                self._stopped.set()
-                self.drop()
-
-
 @pytest.fixture
 def litefs():
     with FakeLiteFS().running() as fake:
         yield fake
-
-
-@pytest.fixture
-def replica(tmp_path):
-    m = LiteFSMount(tmp_path / "litefs")
-    m.make_replica("node-a")
-    m.set_position("app.db", 1)
-    return m
 
 
 @pytest.fixture
@@ -147,17 +38,10 @@ def connected_watcher(mount: LiteFSMount, url: str, closing) -> Watcher:
     return watcher
 
 
-def start(target, *args) -> tuple[threading.Thread, list]:
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(target(*args)), daemon=True)
-    thread.start()
-    return thread, result
-
-
 def test_a_tx_event_wakes_a_waiter_while_the_pos_file_stays_behind(replica, litefs, closing):
     watcher = connected_watcher(replica, litefs.url, closing)
     assert watcher.role() == (False, "node-a")
-    thread, result = start(watcher.wait, {"app.db": 5}, 30)
+    thread, result = in_thread(watcher.wait, {"app.db": 5}, 30)
     wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
     litefs.send(tx_event("app.db", 4))  # not far enough
     litefs.send(tx_event("other.db", 9))  # another database
@@ -174,11 +58,9 @@ def test_a_tx_event_wakes_a_waiter_while_the_pos_file_stays_behind(replica, lite
 
 def test_events_that_are_not_lines_of_json_are_ignored(replica, litefs, closing):
     watcher = connected_watcher(replica, litefs.url, closing)
-    with litefs._lock:
-        for stream in litefs._streams:
-            stream.put(b"not json\n")
-            stream.put(b'["a list"]\n')
-            stream.put(b'{"type":"tx","db":"app.db","data":{"txID":"0x0000000000007"}}\n')
+    litefs.send_raw(b"not json\n")
+    litefs.send_raw(b'["a list"]\n')
+    litefs.send_raw(b'{"type":"tx","db":"app.db","data":{"txID":"0x0000000000007"}}\n')
     litefs.send(tx_event("app.db", 3))
     wait_until(lambda: watcher.txid("app.db") == 3, 10, "the valid event after the garbage")
     assert watcher.events.connected
@@ -211,7 +93,7 @@ def test_while_the_stream_is_down_the_files_decide(replica, closing):
     assert watcher.role() == (False, "node-a")  # from .primary
     assert watcher.txid("app.db") == 1  # from app.db-pos, not the last tx event
     # A waiter is still released by the file alone.
-    thread, result = start(watcher.wait, {"app.db": 4}, 30)
+    thread, result = in_thread(watcher.wait, {"app.db": 4}, 30)
     wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
     replica.set_position("app.db", 4)
     thread.join(20)
@@ -219,12 +101,10 @@ def test_while_the_stream_is_down_the_files_decide(replica, closing):
 
 
 def test_an_api_that_is_not_there_leaves_the_files_in_charge(replica, closing):
-    from servers import free_port
-
     watcher = Watcher(Node(replica.path), api_url=f"http://127.0.0.1:{free_port()}")
     closing(watcher)
     assert watcher.role() == (False, "node-a")
-    thread, result = start(watcher.wait, {"app.db": 2}, 30)
+    thread, result = in_thread(watcher.wait, {"app.db": 2}, 30)
     wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
     replica.set_position("app.db", 2)
     thread.join(20)
@@ -242,12 +122,8 @@ def test_a_hostname_that_is_not_a_plain_host_name_is_refused(replica, litefs, cl
 
 
 def app_for(calls: list):
-    def app(environ, start_response):
-        calls.append(environ["REQUEST_METHOD"])
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"written"]
-
-    return app
+    """An app that records the methods it serves."""
+    return recording_app(calls, b"written", "REQUEST_METHOD")
 
 
 def middleware(mount: LiteFSMount, url: str, closing, app, **options) -> LiteFSMiddleware:
@@ -258,10 +134,8 @@ def middleware(mount: LiteFSMount, url: str, closing, app, **options) -> LiteFSM
     return mw
 
 
-def test_an_election_the_files_cannot_see_makes_a_write_wait_then_503(tmp_path, closing):
+def test_an_election_the_files_cannot_see_makes_a_write_wait_then_503(mount, closing):
     # No .primary: from the files alone this node is the primary and would take the write.
-    mount = LiteFSMount(tmp_path / "litefs")
-    mount.make_primary()
     mount.set_position("app.db", 3)
     calls: list = []
     with FakeLiteFS(is_primary=False, hostname=None).running() as litefs:
@@ -284,14 +158,12 @@ def test_an_event_with_a_bad_hostname_never_becomes_a_forwarding_target(replica,
     assert calls == []
 
 
-def test_a_primary_change_in_time_lets_a_waiting_write_through_here(tmp_path, closing):
-    mount = LiteFSMount(tmp_path / "litefs")
-    mount.make_primary()
+def test_a_primary_change_in_time_lets_a_waiting_write_through_here(mount, closing):
     mount.set_position("app.db", 3)
     calls: list = []
     with FakeLiteFS(is_primary=False, hostname=None).running() as litefs:
         mw = middleware(mount, litefs.url, closing, app_for(calls), primary_redirect_timeout=30)
-        thread, result = start(lambda: Client(mw).post("/items", data=b"x"))
+        thread, result = in_thread(lambda: Client(mw).post("/items", data=b"x"))
         with pytest.raises(AssertionError):  # the write waits for a primary, it does not answer
             wait_until(lambda: result, 0.3, "an early answer")
         assert calls == []
@@ -303,9 +175,8 @@ def test_a_primary_change_in_time_lets_a_waiting_write_through_here(tmp_path, cl
     assert "__txid=0000000000000003" in response.headers["Set-Cookie"]
 
 
-def test_a_primary_change_in_time_lets_a_waiting_write_go_to_the_new_primary(tmp_path, closing):
-    mount = LiteFSMount(tmp_path / "litefs")
-    mount.make_primary()  # the files would wrongly keep the write here
+def test_a_primary_change_in_time_lets_a_waiting_write_go_to_the_new_primary(mount, closing):
+    # mount is a primary by its files, which would wrongly keep the write here.
     primary_calls: list = []
     local_calls: list = []
     with serve(app_for(primary_calls)) as primary_url, FakeLiteFS(is_primary=False, hostname=None).running() as litefs:
@@ -318,7 +189,7 @@ def test_a_primary_change_in_time_lets_a_waiting_write_go_to_the_new_primary(tmp
             primary_redirect_timeout=30,
             primary_url="http://{hostname}:" + port,
         )
-        thread, result = start(lambda: Client(mw).put("/items/1", data=b"x"))
+        thread, result = in_thread(lambda: Client(mw).put("/items/1", data=b"x"))
         with pytest.raises(AssertionError):
             wait_until(lambda: result, 0.3, "an early answer")
         litefs.send(primary_change(False, "127.0.0.1"))
@@ -333,7 +204,7 @@ def test_a_read_with_a_cookie_is_released_by_a_tx_event_through_the_middleware(r
     mw = middleware(replica, litefs.url, closing, app_for(calls))
     client = Client(mw)
     client.set_cookie("__txid", "0000000000000006")
-    thread, result = start(client.get, "/items")
+    thread, result = in_thread(client.get, "/items")
     wait_until(lambda: mw.watcher.waiting == 1, 10, "the read to wait")
     assert calls == []
     litefs.send(tx_event("app.db", 6))

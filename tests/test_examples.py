@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import os
 import re
@@ -11,27 +10,13 @@ import subprocess
 import sys
 from urllib.parse import urlsplit
 
-from servers import ROOT, gunicorn, serve
+from servers import ROOT, form_request, gunicorn, serve
 
 from litefs_wsgi.config import read_yaml
 from litefs_wsgi.testing import LiteFSMount
 
 EXAMPLES = os.path.join(ROOT, "examples")
 DJANGO_PROJECT = os.path.join(EXAMPLES, "django_project")
-
-
-def request(url: str, method: str = "GET", path: str = "/", body: str | None = None, cookie: str | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
-    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
-    if cookie:
-        headers["Cookie"] = cookie
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read().decode()
-    finally:
-        conn.close()
 
 
 def load_flask_example(name: str, mount: LiteFSMount, monkeypatch, **env: str):
@@ -61,17 +46,17 @@ def test_flask_example_on_a_primary_and_a_replica(tmp_path, monkeypatch):
             LITEFS_PROXY_PRIMARY_URL=f"http://{{hostname}}:{urlsplit(primary_url).port}",
         )
         with serve(replica_app) as replica_url:
-            status, _, page = request(replica_url)
+            status, _, page = form_request(replica_url)
             assert status == 200 and "No notes yet." in page
-            status, headers, _ = request(replica_url, "POST", "/notes", body="text=from+the+replica")
+            status, headers, _ = form_request(replica_url, "POST", "/notes", body="text=from+the+replica")
             assert status == 303 and headers["Location"] == "/"
             # The primary wrote it and set the cookie for its database, app.db.
             txid = re.match(r"__txid=([0-9a-f]{16});", headers["Set-Cookie"])[1]
             assert int(txid, 16) == primary.position("app.db")
             replica.replicate(primary, "app.db")
-            status, _, page = request(replica_url, cookie=f"__txid={txid}")
+            status, _, page = form_request(replica_url, cookie=f"__txid={txid}")
             assert status == 200 and "from the replica" in page
-            assert request(replica_url, path="/litefs/health")[::2] == (200, "OK\n")
+            assert form_request(replica_url, path="/litefs/health")[::2] == (200, "OK\n")
 
 
 def test_django_example_serves_and_writes(tmp_path):
@@ -91,17 +76,17 @@ def test_django_example_serves_and_writes(tmp_path):
     assert os.path.exists(mount.db_path("db.sqlite3")), "the database lives in the mount"
     mount.sync("db.sqlite3")  # as LiteFS would have after the migration
     with gunicorn(["--threads", "4", "mysite.wsgi"], env=env, cwd=DJANGO_PROJECT) as (url, _):
-        status, headers, page = request(url)
+        status, headers, page = form_request(url)
         assert status == 200 and "Served by the primary." in page and "No notes yet." in page
         csrf_cookie = re.search(r"csrftoken=([^;]+)", " ".join(headers.get_all("Set-Cookie")))[1]
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)[1]
-        status, headers, _ = request(
+        status, headers, _ = form_request(
             url, "POST", body=f"csrfmiddlewaretoken={token}&text=hello+django", cookie=f"csrftoken={csrf_cookie}"
         )
         assert status == 302 and headers["Location"] == "/"
         cookies = " ".join(headers.get_all("Set-Cookie"))
         assert re.search(r"__txid=[0-9a-f]{16};", cookies), "litefs-wsgi knows db.sqlite3"
-        status, _, page = request(url)
+        status, _, page = form_request(url)
         assert status == 200 and "hello django" in page
     with sqlite3.connect(mount.db_path("db.sqlite3")) as db:
         assert db.execute("SELECT text FROM notes_note").fetchall() == [("hello django",)]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import urllib3
-from servers import ROOT, free_port, gunicorn, serve, wait_until
+from servers import free_port, proxy_config, serve, standalone_proxy, wait_until
 from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
@@ -134,17 +134,9 @@ class Recorder:
         return [path for _, path, _ in self.requests]
 
 
-@contextlib.contextmanager
-def proxy(tmp_path, mount: LiteFSMount, target: str, threads: int = 1, **options) -> Iterator[str]:
-    """The standalone proxy, ``gunicorn -c gunicorn.conf.py``, one worker; yields its URL."""
-    lines = [f"  {key.replace('_', '-')}: {value}" for key, value in options.items()]
-    config = tmp_path / f"litefs-{free_port()}.yml"
-    config.write_text(
-        f"fuse:\n  dir: {mount.path}\nproxy:\n  target: {target}\n  db: app.db\n" + "\n".join(lines) + "\n"
-    )
-    env = {"LITEFS_WSGI_CONFIG": str(config), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": str(threads)}
-    with gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py")], env=env) as (url, _proc):
-        yield url
+def proxy(tmp_path, mount: LiteFSMount, target: str, threads: int = 1, **options):
+    """The standalone proxy in front of ``target``, one worker; yields its URL."""
+    return standalone_proxy(proxy_config(tmp_path, mount, target, **options), threads)
 
 
 def exchange(url: str, data: bytes, timeout: float = 20.0) -> bytes:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 import pytest
-from servers import wait_until
+from servers import in_thread, recording_app, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware
@@ -33,12 +32,7 @@ def writer(mount: LiteFSMount):
 
 
 def reader(calls: list):
-    def app(environ, start_response):
-        calls.append(environ["PATH_INFO"])
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"read"]
-
-    return app
+    return recording_app(calls, b"read")
 
 
 def cookie_value(response) -> str:
@@ -48,41 +42,32 @@ def cookie_value(response) -> str:
 
 
 @pytest.fixture
-def primary(tmp_path):
-    m = LiteFSMount(tmp_path / "primary")
-    m.make_primary()
-    return m
+def replica(replica):
+    """conftest's replica of node-a, with a.db and b.db at TXID 1 instead of app.db."""
+    replica.remove_position("app.db")
+    for db in DBS:
+        replica.set_position(db, 1)
+    return replica
 
 
-@pytest.fixture
-def replica(tmp_path):
-    m = LiteFSMount(tmp_path / "replica")
-    m.make_replica("node-a")
-    m.set_position("a.db", 1)
-    m.set_position("b.db", 1)
-    return m
-
-
-def test_the_cookie_carries_every_databases_txid_in_order(primary):
-    mw = LiteFSMiddleware(writer(primary), db=DBS, mount_dir=primary.path, forward="http")
+def test_the_cookie_carries_every_databases_txid_in_order(mount):
+    mw = LiteFSMiddleware(writer(mount), db=DBS, mount_dir=mount.path, forward="http")
     client = Client(mw)
     cookie = cookie_value(client.post("/a.db+b.db"))
-    a, b = primary.position("a.db"), primary.position("b.db")
+    a, b = mount.position("a.db"), mount.position("b.db")
     assert a and b
     assert cookie == f"{a:016x}-{b:016x}"
     cookie = cookie_value(client.post("/b.db"))
     assert cookie == f"{a:016x}-{b + 1:016x}"
 
 
-def test_a_database_that_does_not_exist_yet_is_written_as_zero(primary):
-    mw = LiteFSMiddleware(writer(primary), db=DBS, mount_dir=primary.path, forward="http")
+def test_a_database_that_does_not_exist_yet_is_written_as_zero(mount):
+    mw = LiteFSMiddleware(writer(mount), db=DBS, mount_dir=mount.path, forward="http")
     cookie = cookie_value(Client(mw).post("/b.db"))
-    assert cookie == f"{0:016x}-{primary.position('b.db'):016x}"
+    assert cookie == f"{0:016x}-{mount.position('b.db'):016x}"
 
 
-def test_no_database_at_all_means_no_cookie(tmp_path):
-    mount = LiteFSMount(tmp_path / "empty")
-    mount.make_primary()
+def test_no_database_at_all_means_no_cookie(mount):
     mw = LiteFSMiddleware(reader([]), db=DBS, mount_dir=mount.path, forward="http")
     assert "Set-Cookie" not in Client(mw).post("/x").headers
 
@@ -92,9 +77,7 @@ def test_a_read_waits_until_every_database_has_caught_up(replica):
     mw = LiteFSMiddleware(reader(calls), db=DBS, mount_dir=replica.path, forward="http")
     client = Client(mw)
     client.set_cookie("__txid", f"{3:016x}-{5:016x}")
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(client.get("/items")), daemon=True)
-    thread.start()
+    thread, result = in_thread(client.get, "/items")
     wait_until(lambda: mw.watcher.waiting == 1, 10, "the read to wait")
     replica.set_position("a.db", 3)  # a.db is there, b.db is not
     replica.set_position("b.db", 4)
@@ -152,18 +135,16 @@ def test_a_cookie_of_the_wrong_shape_is_ignored(replica, value):
     assert client.get("/items").status_code == 200  # served at once, as LiteFS does with a bad cookie
 
 
-def test_a_replica_round_trip_reads_its_own_write(primary, replica):
-    mw_primary = LiteFSMiddleware(writer(primary), db=DBS, mount_dir=primary.path, forward="http")
+def test_a_replica_round_trip_reads_its_own_write(mount, replica):
+    mw_primary = LiteFSMiddleware(writer(mount), db=DBS, mount_dir=mount.path, forward="http")
     calls: list = []
     mw_replica = LiteFSMiddleware(reader(calls), db=DBS, mount_dir=replica.path, forward="http")
     cookie = cookie_value(Client(mw_primary).post("/a.db+b.db"))
     client = Client(mw_replica)
     client.set_cookie("__txid", cookie)
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(client.get("/mine")), daemon=True)
-    thread.start()
+    thread, result = in_thread(client.get, "/mine")
     wait_until(lambda: mw_replica.watcher.waiting == 1, 10, "the read to wait")
-    replica.replicate(primary, "a.db")
-    replica.replicate(primary, "b.db")
+    replica.replicate(mount, "a.db")
+    replica.replicate(mount, "b.db")
     thread.join(20)
     assert result[0].status_code == 200 and calls == ["/mine"]

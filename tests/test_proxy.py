@@ -9,9 +9,7 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 from urllib.parse import urlsplit
@@ -20,26 +18,11 @@ import pytest
 from fwd_client import chunks, header, request, txid_cookie
 from proxy_target import GZIP_BODY, PATTERN, Target
 from proxy_ws import GREETING, TEXT, Client, echo_server
-from servers import free_port, gunicorn, port_open, serve, stop, wait_until
+from servers import free_port, listening, proxy_config, serve, standalone_proxy
 
 from litefs_wsgi.testing import LiteFSMount
 
 MB = 1024 * 1024
-
-
-def write_config(path, mount: LiteFSMount, target_port: int, **proxy: str) -> str:
-    extra = "".join(f"  {key}: {value}\n" for key, value in proxy.items())
-    path.write_text(
-        textwrap.dedent(f"""\
-            fuse:
-              dir: "{mount.path}"
-            proxy:
-              target: "127.0.0.1:{target_port}"
-              db: "app.db"
-            """)
-        + extra
-    )
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +43,8 @@ def target(mount):
 
 @pytest.fixture(scope="module")
 def proxy(mount, target, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("conf") / "litefs.yml", mount, target.port)
-    env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "8"}
-    with gunicorn(["-c", "gunicorn.conf.py"], env=env) as (url, _proc):
+    config = proxy_config(tmp_path_factory.mktemp("conf"), mount, f"127.0.0.1:{target.port}")
+    with standalone_proxy(config, threads=8) as url:
         yield urlsplit(url).port
 
 
@@ -198,18 +180,13 @@ def litefs_wsgi_serve(config: str):
     beside = os.path.join(os.path.dirname(sys.executable), "litefs-wsgi")
     command = [beside if os.path.exists(beside) else shutil.which("litefs-wsgi"), "serve", "--config", config]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: port_open(port) or proc.poll() is not None, 30, "litefs-wsgi serve")
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    with listening(command, port):
         yield port
-    finally:
-        stop(proc)
 
 
 def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, mount):
     target_port = free_port()
-    config = write_config(tmp_path / "litefs.yml", mount, target_port, **{"connect-timeout": "20s"})
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{target_port}", connect_timeout="20s")
     app = Target(mount)
     with litefs_wsgi_serve(config) as port:
         with serve(app, target_port):
@@ -240,7 +217,7 @@ def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, m
 
 def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
     target_port = free_port()
-    config = write_config(tmp_path / "litefs.yml", mount, target_port, **{"connect-timeout": "500ms"})
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{target_port}", connect_timeout="500ms")
     with litefs_wsgi_serve(config) as port:
         status, headers, body = request(port, "POST", "/echo", body=b"x")
         ws = Client.open(port)  # a WebSocket upgrade gets the same answer

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from servers import ROOT, free_port
-from test_events import FakeLiteFS
+from servers import ROOT, FakeLiteFS, free_port
 
 from litefs_wsgi.testing import LiteFSMount
 

@@ -4,14 +4,13 @@ RFC 6455 echo server, both on 127.0.0.1."""
 from __future__ import annotations
 
 import struct
-import textwrap
 import threading
 import time
 from urllib.parse import urlsplit
 
 import pytest
 from proxy_ws import BINARY, CLOSE, GREETING, PING, PONG, TEXT, Client, accept_key, echo_server
-from servers import gunicorn, wait_until
+from servers import proxy_config, standalone_proxy, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -34,20 +33,10 @@ def mount(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proxy_port(target, mount, tmp_path_factory):
-    config = tmp_path_factory.mktemp("wsconf") / "litefs.yml"
-    config.write_text(
-        textwrap.dedent(f"""\
-            fuse:
-              dir: "{mount.path}"
-            proxy:
-              target: "127.0.0.1:{target.port}"
-              db: "app.db"
-              poll-timeout: 3s
-              websocket-idle-timeout: {IDLE}s
-            """)
-    )
-    env = {"LITEFS_WSGI_CONFIG": str(config), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "4"}
-    with gunicorn(["-c", "gunicorn.conf.py"], env=env) as (url, _proc):
+    directory = tmp_path_factory.mktemp("wsconf")
+    options = {"poll_timeout": "3s", "websocket_idle_timeout": f"{IDLE}s"}
+    config = proxy_config(directory, mount, f"127.0.0.1:{target.port}", **options)
+    with standalone_proxy(config, threads=4) as url:
         yield urlsplit(url).port
 
 
