@@ -6,21 +6,12 @@ import threading
 import time
 
 import pytest
-from servers import wait_until
+from servers import in_thread, recording_app, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.node import Node
-from litefs_wsgi.testing import LiteFSMount
 from litefs_wsgi.watcher import TooManyWaiters, Watcher, get_watcher
-
-
-@pytest.fixture
-def replica(tmp_path):
-    m = LiteFSMount(tmp_path / "litefs")
-    m.make_replica("node-a")
-    m.set_position("app.db", 1)
-    return m
 
 
 class Waiters:
@@ -96,6 +87,16 @@ def test_a_position_that_jumps_releases_everyone_it_passes(replica):
     waiters.join()
 
 
+def polling_thread(watcher: Watcher) -> threading.Thread | None:
+    """The watcher's thread while someone waits, else None.
+
+    Read under the watcher's lock: wait() adds its waiter and then starts the thread while
+    holding it, so ``waiting`` alone can already count a waiter whose thread is not there yet.
+    """
+    with watcher._cond:
+        return watcher._thread if watcher.waiting else None
+
+
 def test_the_watcher_thread_runs_only_while_someone_waits(replica):
     watcher = Watcher(Node(replica.path))
     assert watcher._thread is None
@@ -103,14 +104,23 @@ def test_the_watcher_thread_runs_only_while_someone_waits(replica):
     assert watcher._thread is None
     waiters = Waiters(watcher)
     waiters.start(1, {"app.db": 2})
-    wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
-    thread = watcher._thread
-    assert thread is not None and thread.is_alive()
+    thread = wait_until(lambda: polling_thread(watcher), 10, "the waiter and its thread")
+    assert thread.is_alive()
     replica.set_position("app.db", 2)
     waiters.join()
     wait_until(lambda: not thread.is_alive(), 10, "the thread to stop")
     assert watcher._thread is None
-    # It starts again for the next waiter, and stops again after a timeout too.
+    # It starts again for the next waiter, and stops again when that one leaves without its
+    # TXID: its client went away (no clock involved), or its wait timed out.
+    gone = threading.Event()
+    leaver, result = in_thread(watcher.wait, {"app.db": 3}, 60, lambda: not gone.is_set())
+    again = wait_until(lambda: polling_thread(watcher), 10, "the next waiter and its thread")
+    assert again is not thread and again.is_alive()
+    gone.set()
+    leaver.join(30)
+    assert result == [False]
+    wait_until(lambda: not again.is_alive(), 10, "the thread to stop after the client left")
+    assert watcher._thread is None
     assert watcher.wait({"app.db": 3}, 0.05) is False
     wait_until(lambda: watcher._thread is None, 10, "the thread to stop after a timeout")
     assert watcher.waiting == 0
@@ -144,13 +154,9 @@ def test_max_waiters_refuses_the_next_waiter_at_once(replica):
 
 def test_max_waiters_makes_the_middleware_answer_503_with_retry_after(replica):
     calls: list = []
-
-    def app(environ, start_response):
-        calls.append(environ["PATH_INFO"])
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"read"]
-
-    mw = LiteFSMiddleware(app, db="app.db", mount_dir=replica.path, max_waiters=2, forward="http")
+    mw = LiteFSMiddleware(
+        recording_app(calls, b"read"), db="app.db", mount_dir=replica.path, max_waiters=2, forward="http"
+    )
     results: list = []
 
     def read(path: str) -> None:
