@@ -20,17 +20,15 @@ import contextlib
 import http.client
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from subprocess import DEVNULL, PIPE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, free_port, proxy_config, running, standalone_proxy
 
+sys.path.insert(0, ROOT)  # litefs_wsgi from this checkout, installed or not
 from litefs_wsgi.testing import LiteFSMount  # noqa: E402
 
 CLIENT_TIMEOUT = 30.0  # seconds; a request unanswered this long counts as failed
@@ -47,68 +45,21 @@ make_server("127.0.0.1", int(sys.argv[1]), app, threaded=True).serve_forever()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextlib.contextmanager
 def proxy(tmp: str, mount: LiteFSMount, target_port: int, threads: int, poll_timeout: float, max_waiters: int):
     """The standalone proxy; yields (port, access-log lines)."""
     config = os.path.join(tmp, f"litefs-{max_waiters}.yml")
-    with open(config, "w") as f:
-        f.write(
-            f"fuse:\n  dir: {mount.path}\nproxy:\n  target: 127.0.0.1:{target_port}\n  db: app.db\n"
-            f"  poll-timeout: {poll_timeout}\n  max-waiters: {max_waiters}\n"
-        )
+    proxy_config(config, mount.path, f"127.0.0.1:{target_port}", poll_timeout=poll_timeout, max_waiters=max_waiters)
     port = free_port()
-    env = {
-        **os.environ,
-        "LITEFS_WSGI_CONFIG": config,
-        "GUNICORN_WORKERS": "1",
-        "GUNICORN_THREADS": str(threads),
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-    }
-    args = ["-c", "gunicorn.conf.py", "--access-logformat", "ACCESS %(s)s %(D)s", "--backlog", "2048"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    args = ("--access-logformat", "ACCESS %(s)s %(D)s", "--backlog", "2048")
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        wait_listening(port, proc)
+    output = {"stdout": PIPE, "stderr": DEVNULL, "text": True}
+    with standalone_proxy(config, port, threads, args, **output) as proc:
+        # Read all along: gunicorn logs each request and would block on a full pipe.
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
         yield port, lines
-    finally:
-        stop(proc)
-        reader.join(5)
+    reader.join(5)
 
 
 def client(port: int, cookie: str | None, until: float, results: list) -> None:
@@ -177,12 +128,6 @@ def main() -> None:
     clients = 10 * args.threads
     max_waiters = max(1, args.threads // 4)
 
-    tmp = tempfile.mkdtemp(prefix="litefs-burst-")
-    mount = LiteFSMount(os.path.join(tmp, "litefs"))
-    mount.make_primary()
-    mount.set_position("app.db", 1)
-    target_port = free_port()
-    target = subprocess.Popen([sys.executable, "-c", TARGET, str(target_port)], stderr=subprocess.DEVNULL)
     runs = [
         ("baseline: no waiters", 0.0, 0),
         (f"{args.waiting:.0%} waiting, max_waiters unset", args.waiting, 0),
@@ -193,8 +138,12 @@ def main() -> None:
         f"poll_timeout {args.poll_timeout:g}s"
     )
     print(f"{'run':<36}{'plain ok':>10}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  waiting answers      max hold s")
-    try:
-        wait_listening(target_port, target)
+    target_port = free_port()
+    target = [sys.executable, "-c", TARGET, str(target_port)]
+    with tempfile.TemporaryDirectory(prefix="litefs-burst-") as tmp, running(target, target_port, stderr=DEVNULL):
+        mount = LiteFSMount(os.path.join(tmp, "litefs"))
+        mount.make_primary()
+        mount.set_position("app.db", 1)
         for name, share, limit in runs:
             with proxy(tmp, mount, target_port, args.threads, args.poll_timeout, limit) as (port, lines):
                 plain, waiting = burst(port, clients, share, args.seconds)
@@ -209,8 +158,6 @@ def main() -> None:
                 f"{' '.join(f'{s}x{n}' for s, n in sorted(statuses.items(), key=str)) or '-':<21}"
                 f"{max(holds, default=0):>10.2f}"
             )
-    finally:
-        stop(target)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,18 @@ import contextlib
 import http.client
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from subprocess import PIPE, STDOUT
+
+import common
+from common import free_port, running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 BODY = b"x" * 512
 PATH = "/bench/items"
 GUNICORN = ["-k", "gthread", "--workers", "1", "--threads", "16", "--log-level", "warning", "--keep-alive", "5"]
@@ -87,50 +87,15 @@ def __getattr__(name: str):
 # -- running servers -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+@contextlib.contextmanager
+def gunicorn(wsgi: str, env: dict | None = None) -> Iterator[str]:
+    port = free_port()
+    with common.gunicorn([*GUNICORN, "--chdir", HERE, wsgi], port, env, HERE, stdout=PIPE, stderr=STDOUT):
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], port: int, env: dict | None = None) -> Iterator[str]:
-    proc = subprocess.Popen(
-        cmd, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_listening(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def gunicorn(wsgi: str, env: dict | None = None) -> contextlib.AbstractContextManager[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "gunicorn", *GUNICORN, "--bind", f"127.0.0.1:{port}", "--chdir", HERE, wsgi]
-    return process(cmd, port, env)
-
-
-def nginx(target_port: int, tmp: str) -> contextlib.AbstractContextManager[str]:
+def nginx(target_port: int, tmp: str) -> Iterator[str]:
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
@@ -159,7 +124,8 @@ http {{
 }}
 """
         )
-    return process(["nginx", "-p", tmp, "-c", conf], port)
+    with running(["nginx", "-p", tmp, "-c", conf], port, stdout=PIPE, stderr=STDOUT):
+        yield f"http://127.0.0.1:{port}"
 
 
 # -- the load generator ----------------------------------------------------------------------

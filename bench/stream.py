@@ -17,14 +17,12 @@ import argparse
 import contextlib
 import http.client
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, free_port, gunicorn, proxy_config, standalone_proxy
+
 BLOCK = 1024 * 1024
 PAYLOAD = bytes(range(256)) * (BLOCK // 256)
 TIMEOUT = 120  # seconds; any single read or write stalling this long ends the run
@@ -53,35 +51,6 @@ def target(environ, start_response):
 
 
 # -- running the servers -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def gunicorn(args: list[str], port: int, env: dict[str, str], cwd: str):
-    env = {**os.environ, **env, "GUNICORN_BIND": f"127.0.0.1:{port}"}
-    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *args]
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"gunicorn {' '.join(args)} did not start")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def workers(master: int) -> list[int]:
@@ -172,17 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         mount.make_primary()
         mount.set_position("app.db", 1)
         target_port, proxy_port = free_port(), free_port()
-        config = os.path.join(tmp, "litefs.yml")
-        with open(config, "w") as f:
-            f.write(f'fuse:\n  dir: "{mount.path}"\nproxy:\n  target: "127.0.0.1:{target_port}"\n  db: "app.db"\n')
-        proxy_env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "8"}
+        config = proxy_config(os.path.join(tmp, "litefs.yml"), mount.path, f"127.0.0.1:{target_port}")
         bench_dir = os.path.join(ROOT, "bench")
         target_args = ["-w", "1", "--timeout", str(TIMEOUT), "--pythonpath", bench_dir, "stream:target"]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(gunicorn(target_args, target_port, {}, cwd=tmp))
-            proxy = stack.enter_context(
-                gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py")], proxy_port, proxy_env, cwd=ROOT)
-            )
+            stack.enter_context(gunicorn([*target_args, "--log-level", "warning"], target_port, cwd=tmp))
+            proxy = stack.enter_context(standalone_proxy(config, proxy_port, 8, ("--log-level", "warning")))
             # Warm up: the worker is forked and builds the app at its first request.
             upload(proxy_port, BLOCK)
             download(proxy_port, BLOCK)
