@@ -65,6 +65,7 @@ class EventStream:
             socket_options=_SOCKET_OPTIONS,
         )
         self._response = None
+        self._failing = False
         self._thread = threading.Thread(target=self._run, name="litefs-events", daemon=True)
         self._thread.start()
 
@@ -89,7 +90,10 @@ class EventStream:
                 backoff = 0.1  # the stream ended cleanly after working: reconnect soon
             except Exception as exc:  # noqa: BLE001 - any failure means: files decide, retry later
                 if not self._stop.is_set():
-                    log.warning("LiteFS event stream %s: %s; using the mount's files meanwhile", self.url, exc)
+                    # Once per outage: an API that is not there would otherwise log every 5 s.
+                    level = logging.DEBUG if self._failing else logging.WARNING
+                    log.log(level, "LiteFS event stream %s: %s; using the mount's files meanwhile", self.url, exc)
+                    self._failing = True
             self._set_disconnected()
             if self._stop.wait(backoff):
                 return
@@ -111,6 +115,9 @@ class EventStream:
                     self._handle(line)
                 if len(buffer) > MAX_LINE:
                     raise OSError("an event line over 1 MiB")
+        except BaseException:
+            response.close()  # never return a connection mid-stream to the pool
+            raise
         finally:
             self._response = None
             response.release_conn()
@@ -135,6 +142,9 @@ class EventStream:
                 # database: until the next tx event the file decides.
                 self.txids = {}
                 self.connected = True
+                if self._failing:
+                    log.warning("LiteFS event stream %s is back", self.url)
+                    self._failing = False
         elif kind == "tx" and isinstance(data, dict) and isinstance(event.get("db"), str):
             txid = parse_txid(data.get("txID"))
             if txid is not None and txid > self.txids.get(event["db"], -1):

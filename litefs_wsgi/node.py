@@ -58,28 +58,32 @@ class Node:
             self._report(logging.WARNING, db, data, "ignoring a malformed position file for %s: %r", db, data[:64])
         return pos
 
-    def primary(self) -> str | None:
-        """The primary's hostname from ``.primary``; None on the primary itself, during an
-        election, or when the file holds something that is not a plain host name."""
+    def role(self) -> tuple[bool, str | None]:
+        """(this node is the primary, the primary's hostname), from one read of ``.primary``.
+
+        No file means this node is the primary: how LiteFS's users read the files (SPEC.md
+        section 1). A file that cannot be read or is not a plain host name means a replica
+        that knows no primary."""
         try:
             data = _read(os.path.join(self.mount_dir, ".primary"))
         except OSError as exc:
             self._report(logging.WARNING, ".primary", str(exc), "cannot read .primary: %s", exc)
-            return None
+            return False, None
         if data is None:
-            return None
+            return True, None
         name = data.decode("ascii", "replace").strip()
         if not valid_hostname(name):
             self._report(logging.ERROR, ".primary", data, "ignoring .primary: %r is not a plain host name", data[:64])
-            return None
-        return name
+            return False, None
+        return False, name
+
+    def primary(self) -> str | None:
+        """The primary's hostname; None on the primary itself or when no primary is known."""
+        return self.role()[1]
 
     def is_primary(self) -> bool:
-        """True when no ``.primary`` file exists: how LiteFS's users read the files (SPEC.md 1)."""
-        try:
-            return _read(os.path.join(self.mount_dir, ".primary")) is None
-        except OSError:
-            return False
+        """True when no ``.primary`` file exists."""
+        return self.role()[0]
 
     def lag(self) -> int | None:
         """Replication lag in milliseconds: 0 with no ``.lag`` file, None when it is garbled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -9,6 +10,8 @@ from collections.abc import Callable, Mapping
 
 from .events import EventStream
 from .node import Node
+
+log = logging.getLogger("litefs_wsgi")
 
 # With the event stream a waiter is woken by the tx event, but LiteFS sends nothing while
 # idle and a slow reader is disconnected: the file is still read this often.
@@ -49,7 +52,17 @@ class Watcher:
         self._waiters: list[_Waiter] = []
         self._thread: threading.Thread | None = None
         self._changed = False
+        self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
+
+    def _after_fork(self) -> None:
+        # A forked worker (gunicorn --preload, uWSGI) inherits no threads: waiters, the poll
+        # thread and the event stream of the parent are not its own.
+        self._cond = threading.Condition()
+        self._waiters = []
+        self._thread = None
+        if self.api_url:
+            self.events = EventStream(self.api_url, self._on_event)
 
     def close(self) -> None:
         if self.events is not None:
@@ -73,8 +86,7 @@ class Watcher:
         events = self.events
         if events is not None and events.connected:
             return events.is_primary, (None if events.is_primary else events.hostname)
-        primary = self.node.primary()
-        return (primary is None and self.node.is_primary()), primary
+        return self.node.role()
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -142,13 +154,23 @@ class Watcher:
             self._cond.notify_all()
 
     def _poll(self) -> None:
+        try:
+            self._poll_while_waited()
+        except Exception:
+            log.exception("the litefs-wsgi watcher failed; the next waiting read starts another")
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+            raise
+
+    def _poll_while_waited(self) -> None:
         last: dict[str, int | None] = {}
         waiters: list[_Waiter] = []
         dbs: set[str] = set()
         while True:
             with self._cond:
                 if not self._waiters:
-                    self._thread = None
+                    self._thread = None  # under the lock: a waiter arriving now starts a new poller
                     return
                 changed, self._changed = self._changed, False
                 if changed:
@@ -176,6 +198,17 @@ class Watcher:
 
 _watchers: dict[tuple, Watcher] = {}
 _watchers_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _watchers_lock
+    _watchers_lock = threading.Lock()
+    for watcher in _watchers.values():
+        watcher._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_watcher(mount_dir: str, poll_interval: float, api_url: str | None = None, max_waiters: int = 0) -> Watcher:
