@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -364,10 +364,3 @@ def _lookup(name: str, env: Mapping[str, str]) -> str:
     else:
         right = env.get(expr[5], "")
     return "true" if (left == right) == (expr[2] == "==") else "false"
-
-
-def describe_options() -> Iterable[tuple[str, Any, str]]:
-    """Yield (name, default, help) for every option, for the README and ``--help``."""
-    for field in dataclasses.fields(Config):
-        default = field.default if field.default is not dataclasses.MISSING else None
-        yield field.name, default, field.metadata["doc"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
-from .config import Config
+from .config import Config, ConfigError
 from .middleware import LiteFSMiddleware
 
 
@@ -35,12 +36,18 @@ class LiteFS:
 
 
 def config_options(config: dict) -> dict[str, Any]:
-    """The LiteFS options set in a Flask config as ``LITEFS_<OPTION>``."""
-    names = set(Config.option_names())
+    """The LiteFS options set in a Flask config as ``LITEFS_<OPTION>``; a ``LITEFS_`` key
+    that names no option is an error, so that a typo is not silently ignored."""
+    names = Config.option_names()
     options = {}
     for key, value in config.items():
         if key == "LITEFS_DIR":
             options["mount_dir"] = value
-        elif key.startswith("LITEFS_") and key[7:].lower() in names:
-            options[key[7:].lower()] = value
+        elif key.startswith("LITEFS_"):
+            name = key[len("LITEFS_") :].lower()
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"; did you mean LITEFS_{close[0].upper()}?" if close else ""
+                raise ConfigError(f"app.config[{key!r}] names no litefs-wsgi option{hint}")
+            options[name] = value
     return options
