@@ -1,0 +1,173 @@
+"""Edge cases found in review: the hop marker's limits, fork, unix sockets, bad upstream
+headers, paths as UTF-8, and an event stream without chunked framing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+from servers import tx_event, wait_until
+from werkzeug.test import Client
+
+from litefs_wsgi import LiteFSMiddleware, ReplayOnPrimary
+from litefs_wsgi.middleware import local_port
+from litefs_wsgi.node import Node
+from litefs_wsgi.testing import LiteFSMount
+from litefs_wsgi.watcher import Watcher, get_watcher
+
+
+def ok_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"served"]
+
+
+@pytest.fixture
+def replica(tmp_path):
+    m = LiteFSMount(tmp_path / "replica")
+    m.make_replica("node-a")
+    m.set_position("app.db", 5)
+    return m
+
+
+def test_a_client_sent_hop_marker_does_not_turn_a_read_into_a_write(replica):
+    app = LiteFSMiddleware(ok_app, db="app.db", mount_dir=replica.path, primary_redirect_timeout=3)
+    response = Client(app).get("/", headers={"X-LiteFS-Forwarded": "1"})
+    assert response.status_code == 200 and response.get_data() == b"served"
+
+
+def test_a_client_sent_hop_marker_does_not_skip_the_read_wait_on_the_primary(mount):
+    mount.set_position("app.db", 5)
+    app = LiteFSMiddleware(ok_app, db="app.db", mount_dir=mount.path, poll_timeout="100ms")
+    c = Client(app)
+    c.set_cookie("__txid", "0000000000000009")
+    response = c.get("/", headers={"X-LiteFS-Forwarded": "1"})
+    assert response.status_code == 504 and response.get_data() == b"Proxy timeout\n"
+
+
+def test_a_request_fly_replayed_here_is_not_replayed_again_by_replay_on_primary(replica):
+    def view(environ, start_response):
+        return ReplayOnPrimary()(environ, start_response)
+
+    app = LiteFSMiddleware(
+        view, db="app.db", mount_dir=replica.path, forward="fly-replay", primary_redirect_timeout="200ms"
+    )
+    response = Client(app).get("/login", headers={"Fly-Replay-Src": "instance=x;region=ord;t=1"})
+    assert response.status_code == 503
+    assert response.get_data() == b"Proxy error: no primary available\n"
+    assert "fly-replay" not in response.headers
+    # Without the header, the same view is replayed on the primary.
+    response = Client(app).get("/login")
+    assert response.headers["fly-replay"] == "instance=node-a"
+
+
+def test_the_port_of_a_unix_socket_request_falls_back_to_server_port(tmp_path):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s"))
+        assert local_port({"gunicorn.socket": sock, "SERVER_PORT": "8080"}) == "8080"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert local_port({"gunicorn.socket": sock, "SERVER_PORT": "80"}) == str(sock.getsockname()[1])
+
+
+def raw_server(answer: bytes):
+    """A server on 127.0.0.1 that answers every request with ``answer``; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    accepted = []
+
+    def run():
+        try:
+            while True:
+                conn, _ = listener.accept()
+                accepted.append(conn)
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                conn.sendall(answer)
+        except OSError:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener, accepted
+
+
+def test_an_invalid_header_from_the_primary_answers_502_and_frees_the_connection(replica):
+    listener, accepted = raw_server(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+    port = listener.getsockname()[1]
+    app = LiteFSMiddleware(
+        ok_app, db="app.db", mount_dir=replica.path, forward="http", primary_url=f"http://{{hostname}}:{port}"
+    )
+    replica.make_replica("127.0.0.1")
+    try:
+        for _ in range(2):
+            response = Client(app).delete("/")
+            assert response.status_code == 502
+            assert response.get_data().startswith(b"Proxy error: ")
+        # Each refused answer's connection was closed, not kept half-read in the pool.
+        assert all(conn.recv(1) == b"" for conn in accepted)
+    finally:
+        listener.close()
+
+
+def test_patterns_match_the_path_as_utf8(mount):
+    calls = []
+
+    def app(environ, start_response):
+        calls.append(environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return [b""]
+
+    mw = LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, passthrough=["/café/*"])
+    response = Client(mw).post("/caf%C3%A9/menu")
+    assert response.status_code == 200
+    assert "Set-Cookie" not in response.headers  # passthrough: no cookie on a write
+
+
+def test_a_forked_child_waits_with_its_own_poller(tmp_path):
+    m = LiteFSMount(tmp_path / "m")
+    m.set_position("a.db", 1)
+    watcher = get_watcher(m.path, 0.001)
+    assert watcher.wait({"a.db": 1}, 1)
+    pid = os.fork()
+    if pid == 0:  # the child: a waiter must be woken by its own poller thread
+        code = 1
+        try:
+            threading.Timer(0.1, m.set_position, ("a.db", 2)).start()
+            code = 0 if watcher.wait({"a.db": 2}, 10) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_an_event_stream_without_chunked_framing_is_read_as_it_arrives(tmp_path):
+    """An HTTP/1.0-style stream (no length, no chunks, ends at close) is read line by line."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    release = threading.Event()
+
+    def run():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.recv(4096)
+            init = json.dumps({"type": "init", "data": {"isPrimary": False, "hostname": "node-a"}})
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + init.encode() + b"\n")
+            conn.sendall(json.dumps(tx_event("a.db", 7)).encode() + b"\n")
+            release.wait(10)
+
+    threading.Thread(target=run, daemon=True).start()
+    m = LiteFSMount(tmp_path / "m")
+    m.set_position("a.db", 1)
+    watcher = Watcher(Node(m.path), api_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        wait_until(lambda: watcher.txid("a.db") == 7, 10, "the tx event")
+        assert watcher.role() == (False, "node-a")
+    finally:
+        release.set()
+        watcher.close()
+        listener.close()
