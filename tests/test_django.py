@@ -112,3 +112,21 @@ def test_read_times_out_and_failing_write_sets_cookie(cluster):
 
         response = requests.get(url + "/items", cookies={"__txid": ahead}, timeout=TIMEOUT)
         assert response.status_code == 200 and response.text == "half\n"
+
+
+def test_a_get_that_must_write_is_replayed_on_the_primary(cluster):
+    """require_primary() in a Django view, through ReplayOnPrimaryMiddleware: the replica
+    answers fly-replay without writing; the primary, receiving Fly.io's replay, writes and
+    answers with the cookie so that the next read on the replica waits for the write."""
+    primary, replica = cluster
+    with node(primary) as primary_url, node(replica) as replica_url:
+        response = requests.get(replica_url + "/visit", timeout=TIMEOUT)
+        assert response.status_code == 200 and response.content == b""
+        assert response.headers["fly-replay"] == "instance=node-a"
+        assert rows(replica) == [] and rows(primary) == []
+
+        replayed = {"Fly-Replay-Src": "instance=replica;region=ord;t=1"}
+        response = requests.get(primary_url + "/visit", headers=replayed, timeout=TIMEOUT)
+        assert response.status_code == 200 and response.text == "counted\n"
+        assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
+        assert rows(primary) == ["visit"]

@@ -1,7 +1,7 @@
-"""The test project's two views."""
+"""The test project's views."""
 
 from django.urls import path
 
 from . import views
 
-urlpatterns = [path("items", views.items), path("fail", views.fail)]
+urlpatterns = [path("items", views.items), path("fail", views.fail), path("visit", views.visit)]

@@ -4,6 +4,8 @@ from django.db import connection, transaction
 from django.http import HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from litefs_wsgi import require_primary
+
 
 @csrf_exempt
 def items(request):
@@ -22,3 +24,11 @@ def fail(request):
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("INSERT INTO items (name) VALUES ('half')")
     raise RuntimeError("after the commit")
+
+
+def visit(request):
+    """A GET that writes (a visit counter): it must run on the primary."""
+    require_primary()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("INSERT INTO items (name) VALUES ('visit')")
+    return HttpResponse("counted\n", content_type="text/plain")
