@@ -51,10 +51,24 @@ def run_serve(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             os.environ[name] = str(value)
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from gunicorn.app.base import BaseApplication
 
-    sys.argv = ["litefs-wsgi serve", "-c", "python:litefs_wsgi.gunicorn_conf"]
-    WSGIApplication("%(prog)s [OPTIONS]").run()
+    from . import gunicorn_conf  # checks every option now: a bad one stops here, named
+
+    class ProxyServer(BaseApplication):
+        """gunicorn with the settings of ``gunicorn_conf``, serving the standalone proxy."""
+
+        def load_config(self) -> None:
+            for name in self.cfg.settings:
+                if name != "wsgi_app" and hasattr(gunicorn_conf, name):
+                    self.cfg.set(name, getattr(gunicorn_conf, name))
+
+        def load(self):
+            from . import proxy
+
+            return proxy.application  # built in each worker, after post_fork sized its pool
+
+    ProxyServer().run()
     return 0
 
 
