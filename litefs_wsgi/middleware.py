@@ -6,6 +6,7 @@ import logging
 import re
 import select
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ HEALTH_PATH = "/litefs/health"
 FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request body
 REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
 FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
+FAR_AHEAD_LOG_EVERY = 60.0
 
 
 class ReplayOnPrimary(HTTPException):
@@ -135,6 +137,7 @@ class LiteFSMiddleware:
         self.forwarder = forwarder or Forwarder(config.connect_timeout, config.read_timeout)
         self._passthrough = compile_patterns(config.passthrough)
         self._always_forward = compile_patterns(config.always_forward)
+        self._far_ahead_logged = -FAR_AHEAD_LOG_EVERY
         if config.debug:
             enable_debug_log()
 
@@ -202,12 +205,17 @@ class LiteFSMiddleware:
         for db, target in targets.items():
             txid = self.watcher.txid(db) or 0
             if target - txid > FAR_AHEAD:
-                log.warning(
-                    "a __txid cookie asks for %s at TXID %d, %d ahead of this node: forged or stale?",
-                    db,
-                    target,
-                    target - txid,
-                )
+                # At most one warning a minute: forged cookies must not flood the log.
+                now = time.monotonic()
+                if now - self._far_ahead_logged >= FAR_AHEAD_LOG_EVERY:
+                    self._far_ahead_logged = now
+                    log.warning(
+                        "a __txid cookie asks for %s at TXID %d, %d ahead of this node: forged or stale?"
+                        " (logged at most once a minute)",
+                        db,
+                        target,
+                        target - txid,
+                    )
             else:
                 log.info("read timed out waiting for %s to reach TXID %d (at %d)", db, target, txid)
 
