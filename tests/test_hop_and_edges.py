@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 
-import pytest
 from servers import tx_event, wait_until
 from werkzeug.test import Client
 
@@ -22,14 +21,6 @@ from litefs_wsgi.watcher import Watcher, get_watcher
 def ok_app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"served"]
-
-
-@pytest.fixture
-def replica(tmp_path):
-    m = LiteFSMount(tmp_path / "replica")
-    m.make_replica("node-a")
-    m.set_position("app.db", 5)
-    return m
 
 
 def test_a_client_sent_hop_marker_does_not_turn_a_read_into_a_write(replica):
