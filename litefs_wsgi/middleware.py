@@ -235,7 +235,9 @@ class LiteFSMiddleware:
         if hasattr(result, "close"):
             result.close()
         is_primary, _ = self.watcher.role()
-        if is_primary:  # the view should not have asked; serve what it would have written
+        if is_primary:
+            # A view that asks on the primary would ask again if called again: a bug in the
+            # app (or a failover between its check and ours), said plainly rather than looped.
             log.error("ReplayOnPrimary raised on the primary for %s %s", method, path)
             return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
         self._debug("replayed on the primary by the app", method, path)
