@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -229,19 +230,30 @@ class Config:
         return [field.name for field in dataclasses.fields(cls)]
 
     @classmethod
-    def create(cls, options: Mapping[str, Any]) -> Config:
-        """Build from a mapping, with an error that names any unknown option."""
+    def create(cls, options: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Config:
+        """Build from a mapping, with an error that names any unknown option and, from
+        ``sources`` (option -> where it was set), where the bad value came from."""
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
-            raise ConfigError(f"unknown option {unknown[0]!r}; the options are: {', '.join(cls.option_names())}")
+            raise ConfigError(f"unknown option {unknown[0]!r}{_did_you_mean(unknown[0], cls.option_names())}")
         if "db" not in options:  # else a TypeError that does not say how to set it
-            raise ConfigError("db: name the database file in the LiteFS mount, e.g. db='app.db' or LITEFS_PROXY_DB")
-        return cls(**options)
+            raise ConfigError(
+                "db: name the database file in the LiteFS mount, e.g. db='app.db', proxy.db in the config "
+                "file, or LITEFS_PROXY_DB"
+            )
+        try:
+            return cls(**options)
+        except ConfigError as exc:
+            name = str(exc).partition(":")[0]
+            if sources and name in sources:
+                raise ConfigError(f"{exc} (set by {sources[name]})") from None
+            raise
 
     @classmethod
     def from_yaml(cls, path: str, env: Mapping[str, str] | None = None, expand_env: bool = True) -> Config:
         """Build from a litefs.yml-style file: ``fuse.dir``, ``http.addr`` and ``proxy:``."""
-        return cls.create(read_yaml(path, env, expand_env))
+        options = read_yaml(path, env, expand_env)
+        return cls.create(options, yaml_sources(options, path))
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **options: Any) -> Config:
@@ -249,11 +261,33 @@ class Config:
         ``LITEFS_PROXY_<OPTION>`` from the environment, then ``options``; later ones win."""
         env = os.environ if env is None else env
         merged: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         if env.get("LITEFS_WSGI_CONFIG"):
             merged.update(read_yaml(env["LITEFS_WSGI_CONFIG"], env))
-        merged.update(options_from_env(env))
+            sources.update(yaml_sources(merged, env["LITEFS_WSGI_CONFIG"]))
+        from_env = options_from_env(env)
+        merged.update(from_env)
+        sources.update({name: "LITEFS_DIR" if name == "mount_dir" else env_name(name) for name in from_env})
         merged.update(options)
-        return cls.create(merged)
+        for name in options:
+            sources.pop(name, None)
+        return cls.create(merged, sources)
+
+
+def env_name(option: str) -> str:
+    """The environment variable that sets ``option``."""
+    return "LITEFS_PROXY_" + option.upper()
+
+
+def yaml_sources(options: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Where each option read from the file ``path`` was written in it."""
+    keys = {"mount_dir": "fuse.dir", "api_url": "proxy.api-url or http.addr"}
+    return {name: f"{keys.get(name, 'proxy.' + name.replace('_', '-'))} in {path}" for name in options}
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; the options are: {', '.join(choices)}"
 
 
 def options_from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -262,7 +296,7 @@ def options_from_env(env: Mapping[str, str]) -> dict[str, str]:
     if env.get("LITEFS_DIR"):
         options["mount_dir"] = env["LITEFS_DIR"]
     for name in Config.option_names():
-        value = env.get("LITEFS_PROXY_" + name.upper())
+        value = env.get(env_name(name))
         if value is not None:
             options[name] = value
     return options
@@ -294,8 +328,8 @@ def read_yaml(path: str, env: Mapping[str, str] | None = None, expand_env: bool 
     for key, value in proxy.items():
         if key not in known or key == "mount-dir":
             raise ConfigError(
-                f"config file {path!r}: unknown key proxy.{key}; known keys: "
-                + ", ".join(k for k in known if k != "mount-dir")
+                f"config file {path!r}: unknown key proxy.{key}"
+                + _did_you_mean(str(key), [k for k in known if k != "mount-dir"])
             )
         options[known[key]] = value
     fuse, http = doc.get("fuse") or {}, doc.get("http") or {}

@@ -1,0 +1,47 @@
+"""Configuration errors say where the bad value was set and suggest the option meant."""
+
+import pytest
+
+from litefs_wsgi import Config, ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "litefs.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_bad_value_in_the_file_names_its_key_and_file(tmp_path):
+    path = write(tmp_path, "proxy:\n  db: app.db\n  poll-timeout: 3 seconds\n")
+    with pytest.raises(ConfigError) as error:
+        Config.load(env={"LITEFS_WSGI_CONFIG": path})
+    assert str(error.value).startswith("poll_timeout: '3 seconds' is not a duration")
+    assert str(error.value).endswith(f"(set by proxy.poll-timeout in {path})")
+
+
+def test_a_bad_value_in_the_environment_names_its_variable():
+    with pytest.raises(ConfigError, match=r"^max_lag: .*\(set by LITEFS_PROXY_MAX_LAG\)$"):
+        Config.load(env={"LITEFS_PROXY_MAX_LAG": "soon"}, db="app.db")
+
+
+def test_a_bad_keyword_argument_names_only_the_option():
+    with pytest.raises(ConfigError) as error:
+        Config.load(env={"LITEFS_PROXY_MAX_LAG": "soon"}, db="app.db", max_lag="later")
+    assert str(error.value).startswith("max_lag: 'later'") and "set by" not in str(error.value)
+
+
+def test_a_mistyped_key_in_the_file_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, "proxy:\n  db: app.db\n  pol-timeout: 3s\n")
+    with pytest.raises(ConfigError, match=r"unknown key proxy\.pol-timeout; did you mean 'poll-timeout'\?"):
+        Config.load(env={"LITEFS_WSGI_CONFIG": path})
+
+
+def test_a_mistyped_option_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown option 'pol_timeout'; did you mean 'poll_timeout'\?"):
+        Config.load(env={}, db="app.db", pol_timeout=1)
+
+
+def test_a_missing_db_says_every_way_to_set_it(tmp_path):
+    path = write(tmp_path, "proxy:\n  target: localhost:8081\n")
+    with pytest.raises(ConfigError, match=r"^db: .*proxy\.db in the config file, or LITEFS_PROXY_DB"):
+        Config.load(env={"LITEFS_WSGI_CONFIG": path})
