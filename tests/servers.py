@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import http.client
 import json
 import os
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
+import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -42,6 +45,89 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def answers(obj: object, method: str) -> Iterator[collections.Counter]:
+    """Count what ``obj.method`` answers, as ``(*arguments, result)``, while the block runs.
+
+    A spy, not a stand-in: the real method still answers. A test waits for the code under
+    test to have looked (the watcher read TXID 5 three times, a write was told "no primary"
+    three times) instead of sleeping and hoping that it did.
+    """
+    counts: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    real = getattr(obj, method)
+
+    def spy(*args):
+        result = real(*args)
+        with lock:
+            counts[(*args, result)] += 1
+        return result
+
+    setattr(obj, method, spy)
+    try:
+        yield counts
+    finally:
+        delattr(obj, method)
+
+
+def unreleased(watcher) -> list[dict[str, int]]:
+    """The targets of the reads still waiting in ``watcher`` that it has not woken."""
+    with watcher._cond:
+        return [waiter.targets for waiter in watcher._waiters if not waiter.done.is_set()]
+
+
+class Opens:
+    """Counts the opens of each file in a directory by any process, with Linux's inotify.
+
+    How a test sees that a read waits inside a server process: the waiting read's watcher
+    opens the ``-pos`` file again and again (every ``poll_interval``), which nothing else does.
+    Identical events that follow one another unread are merged by the kernel, so closes are
+    watched too: open, close, open, close... are counted one by one.
+    """
+
+    IN_CLOSE_NOWRITE, IN_OPEN = 0x10, 0x20
+
+    def __init__(self, directory: str) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if (
+            self._fd < 0
+            or self._libc.inotify_add_watch(self._fd, os.fsencode(directory), self.IN_OPEN | self.IN_CLOSE_NOWRITE) < 0
+        ):
+            raise OSError(ctypes.get_errno(), f"inotify on {directory}")
+        self._counts: collections.Counter = collections.Counter()
+
+    def __call__(self, name: str) -> int:
+        """How many times ``name`` was opened since this was made."""
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return self._counts[name]
+            offset = 0
+            while offset < len(data):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                event_name = data[offset + 16 : offset + 16 + length].rstrip(b"\0").decode()
+                if mask & self.IN_OPEN:
+                    self._counts[event_name] += 1
+                offset += 16 + length
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@contextlib.contextmanager
+def opens(directory: str) -> Iterator[Opens]:
+    """``Opens`` of ``directory`` while the block runs; the test is skipped without inotify."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's inotify to see a server process read a file")
+    counter = Opens(directory)
+    try:
+        yield counter
+    finally:
+        counter.close()
 
 
 def in_thread(target: Callable, *args) -> tuple[threading.Thread, list]:
@@ -90,9 +176,11 @@ def listening(command: list[str], port: int, env: dict[str, str] | None = None, 
     """Run ``command`` until it listens on 127.0.0.1:``port``; yields the process, stopped on exit.
 
     Its output is read all along: a server that logs each request would block on a full pipe.
+    Its last 100 lines are in ``proc.output``.
     """
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: collections.deque[bytes] = collections.deque(maxlen=100)
+    proc.output = output
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
     try:

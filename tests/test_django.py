@@ -12,12 +12,11 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from contextlib import closing
 
 import pytest
 import requests
-from servers import gunicorn
+from servers import gunicorn, opens, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -71,16 +70,16 @@ def test_read_your_writes_across_primary_and_replica(cluster):
         txid = txid_cookie(response)
         assert int(txid, 16) == before + 1 == primary.position("db.sqlite3")
 
-        # On the replica a read with that cookie waits: nothing replicates by itself here,
-        # so a read still running after a while is a read that waits.
+        # On the replica a read with that cookie waits: its watcher polls db.sqlite3-pos.
         result = {}
 
         def read():
             result["response"] = requests.get(replica_url + "/items", cookies={"__txid": txid}, timeout=TIMEOUT)
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(0.5)
+        with opens(replica.path) as opened:
+            reader = threading.Thread(target=read)
+            reader.start()
+            wait_until(lambda: opened("db.sqlite3-pos") >= 3 or result, 20, "the read to wait on the replica")
         assert reader.is_alive() and "response" not in result
         replica.replicate(primary, "db.sqlite3")  # what LiteFS does, from another process
         reader.join(TIMEOUT + 5)

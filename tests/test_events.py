@@ -7,7 +7,18 @@ import socket
 import threading
 
 import pytest
-from servers import FakeLiteFS, free_port, in_thread, primary_change, recording_app, serve, tx_event, wait_until
+from servers import (
+    FakeLiteFS,
+    answers,
+    free_port,
+    in_thread,
+    primary_change,
+    recording_app,
+    serve,
+    tx_event,
+    unreleased,
+    wait_until,
+)
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware, events
@@ -43,10 +54,13 @@ def test_a_tx_event_wakes_a_waiter_while_the_pos_file_stays_behind(replica, lite
     assert watcher.role() == (False, "node-a")
     thread, result = in_thread(watcher.wait, {"app.db": 5}, 30)
     wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
-    litefs.send(tx_event("app.db", 4))  # not far enough
-    litefs.send(tx_event("other.db", 9))  # another database
-    wait_until(lambda: watcher.events.txids.get("other.db") == 9, 10, "the events")
-    assert result == [] and thread.is_alive()
+    with answers(watcher, "txid") as reads:
+        litefs.send(tx_event("app.db", 4))  # not far enough
+        litefs.send(tx_event("other.db", 9))  # another database
+        wait_until(lambda: watcher.events.txids.get("other.db") == 9, 10, "the events")
+        # Read three times: the watcher has weighed the waiter against TXID 4 at least once.
+        wait_until(lambda: reads["app.db", 4] >= 3 or result, 10, "the watcher to read TXID 4")
+    assert result == [] and unreleased(watcher) == [{"app.db": 5}]
     litefs.send(tx_event("app.db", 5))
     thread.join(20)
     assert result == [True]
@@ -163,12 +177,13 @@ def test_a_primary_change_in_time_lets_a_waiting_write_through_here(mount, closi
     calls: list = []
     with FakeLiteFS(is_primary=False, hostname=None).running() as litefs:
         mw = middleware(mount, litefs.url, closing, app_for(calls), primary_redirect_timeout=30)
-        thread, result = in_thread(lambda: Client(mw).post("/items", data=b"x"))
-        with pytest.raises(AssertionError):  # the write waits for a primary, it does not answer
-            wait_until(lambda: result, 0.3, "an early answer")
-        assert calls == []
-        litefs.send(primary_change(True))
-        thread.join(20)
+        with answers(mw.watcher, "role") as roles:
+            thread, result = in_thread(lambda: Client(mw).post("/items", data=b"x"))
+            # Told "no primary" three times and still no answer: the write waits for one.
+            wait_until(lambda: roles[((False, None),)] >= 3 or result, 10, "the write to look for a primary")
+            assert result == [] and calls == []
+            litefs.send(primary_change(True))
+            thread.join(20)
     response = result[0]
     assert response.status_code == 200 and response.get_data() == b"written"
     assert calls == ["POST"]
@@ -189,11 +204,12 @@ def test_a_primary_change_in_time_lets_a_waiting_write_go_to_the_new_primary(mou
             primary_redirect_timeout=30,
             primary_url="http://{hostname}:" + port,
         )
-        thread, result = in_thread(lambda: Client(mw).put("/items/1", data=b"x"))
-        with pytest.raises(AssertionError):
-            wait_until(lambda: result, 0.3, "an early answer")
-        litefs.send(primary_change(False, "127.0.0.1"))
-        thread.join(20)
+        with answers(mw.watcher, "role") as roles:
+            thread, result = in_thread(lambda: Client(mw).put("/items/1", data=b"x"))
+            wait_until(lambda: roles[((False, None),)] >= 3 or result, 10, "the write to look for a primary")
+            assert result == [] and primary_calls == local_calls == []
+            litefs.send(primary_change(False, "127.0.0.1"))
+            thread.join(20)
     response = result[0]
     assert response.status_code == 200 and response.get_data() == b"written"
     assert primary_calls == ["PUT"] and local_calls == []

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import urllib3
-from servers import free_port, proxy_config, serve, standalone_proxy, wait_until
+from servers import free_port, opens, proxy_config, serve, standalone_proxy, wait_until
 from werkzeug.test import Client
 from werkzeug.wrappers import Request, Response
 
@@ -261,15 +261,18 @@ def test_client_leaving_while_waiting_frees_the_worker_and_nothing_is_forwarded(
 def test_client_that_stays_is_served_when_the_position_arrives(tmp_path, mount, recorder):
     app, target = recorder
     mount.set_position("app.db", 1)
-    with proxy(tmp_path, mount, target, poll_timeout="60s", threads=2) as url:
+    with proxy(tmp_path, mount, target, poll_timeout="60s", threads=2) as url, opens(mount.path) as opened:
         results = []
         waiting = threading.Thread(
             target=lambda: results.append(get(url, "/waiting", headers={"Cookie": "__txid=0000000000000005"}))
         )
         waiting.start()
-        # Still waiting a while later (the position cannot move by itself): the liveness
-        # check does not take an idle client for a gone one.
+        wait_until(lambda: opened("app.db-pos") >= 3 or results, 20, "the read to wait in the proxy")
+        # Still waiting a while later, its watcher still polling (the position cannot move by
+        # itself): the liveness check, every 50 ms, does not take an idle client for a gone one.
         time.sleep(0.5)
+        before = opened("app.db-pos")
+        wait_until(lambda: opened("app.db-pos") > before + 2 or results, 20, "the watcher to poll on")
         assert not results and waiting.is_alive()
         mount.set_position("app.db", 5)
         waiting.join(30)
@@ -280,13 +283,18 @@ def test_client_that_stays_is_served_when_the_position_arrives(tmp_path, mount, 
 def test_request_pipelined_behind_a_waiting_read_is_not_consumed_by_the_liveness_check(tmp_path, mount, recorder):
     app, target = recorder
     mount.set_position("app.db", 1)
-    with proxy(tmp_path, mount, target, poll_timeout="60s") as url:
+    with proxy(tmp_path, mount, target, poll_timeout="60s") as url, opens(mount.path) as opened:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
             client.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\nCookie: __txid=0000000000000005\r\n\r\n")
-            time.sleep(0.3)  # the first read waits, checking its socket, when the second arrives
+            # The first read waits, checking its socket, when the second arrives.
+            wait_until(lambda: opened("app.db-pos") >= 3, 20, "the first read to wait in the proxy")
             client.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            # Weak by nature: nothing outside the worker shows its liveness checks (every 50 ms).
+            # The watcher polling on for 0.3 s more makes several of them likely, not certain.
             time.sleep(0.3)
+            before = opened("app.db-pos")
+            wait_until(lambda: opened("app.db-pos") > before + 2, 20, "the watcher to poll on")
             mount.set_position("app.db", 5)
             answer = read_all(client)
     assert re.findall(rb"HTTP/1\.1 (\d+) ", answer) == [b"200", b"200"], answer

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
+import time
 
-from servers import tx_event, wait_until
+from servers import in_thread, tx_event, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware, ReplayOnPrimary
@@ -102,6 +104,8 @@ def test_an_invalid_header_from_the_primary_answers_502_and_frees_the_connection
         assert all(conn.recv(1) == b"" for conn in accepted)
     finally:
         listener.close()
+        for conn in accepted:
+            conn.close()
 
 
 def test_patterns_match_the_path_as_utf8(mount):
@@ -112,27 +116,56 @@ def test_patterns_match_the_path_as_utf8(mount):
         start_response("200 OK", [])
         return [b""]
 
+    mount.set_position("app.db", 1)  # the database exists: a write that is not passed through gets the cookie
     mw = LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, passthrough=["/café/*"])
     response = Client(mw).post("/caf%C3%A9/menu")
     assert response.status_code == 200
     assert "Set-Cookie" not in response.headers  # passthrough: no cookie on a write
+    control = Client(mw).post("/cafe/menu")
+    assert control.headers["Set-Cookie"].startswith("__txid=0000000000000001;")
+    assert calls == ["/café/menu".encode().decode("latin-1"), "/cafe/menu"]  # WSGI's latin-1 text
 
 
 def test_a_forked_child_waits_with_its_own_poller(tmp_path):
     m = LiteFSMount(tmp_path / "m")
     m.set_position("a.db", 1)
     watcher = get_watcher(m.path, 0.001)
-    assert watcher.wait({"a.db": 1}, 1)
+    # The parent forks while a read waits and its poller runs: the child inherits neither that
+    # thread nor that waiter, and must start a poller of its own.
+    parent, parent_result = in_thread(watcher.wait, {"a.db": 5}, 60)
+    wait_until(lambda: polling(watcher), 10, "the parent's waiter and its poller")
     pid = os.fork()
-    if pid == 0:  # the child: a waiter must be woken by its own poller thread
+    if pid == 0:  # the child
         code = 1
         try:
-            threading.Timer(0.1, m.set_position, ("a.db", 2)).start()
-            code = 0 if watcher.wait({"a.db": 2}, 10) else 1
+            child, result = in_thread(watcher.wait, {"a.db": 2}, 60)
+            wait_until(lambda: any(w.targets == {"a.db": 2} for w in watcher._waiters), 10, "the child's waiter")
+            m.set_position("a.db", 2)
+            # Woken by a poller, not by its wait running out (60 s) and reading the file at last.
+            child.join(20)
+            code = 0 if result == [True] else 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+    done = (0, 0)
+    try:
+        deadline = time.monotonic() + 40
+        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done[0] == pid, "the child hung"
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        if not done[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        m.set_position("a.db", 5)
+        parent.join(20)
+    assert parent_result == [True]
+
+
+def polling(watcher: Watcher) -> bool:
+    """A read waits in ``watcher`` and its poller thread is running."""
+    with watcher._cond:
+        return bool(watcher._waiters) and watcher._thread is not None and watcher._thread.is_alive()
 
 
 def test_an_event_stream_without_chunked_framing_is_read_as_it_arrives(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from fwd_client import chunks, header, request, txid_cookie
 from proxy_target import GZIP_BODY, PATTERN, Target
 from proxy_ws import GREETING, TEXT, Client, echo_server
-from servers import free_port, listening, proxy_config, serve, standalone_proxy
+from servers import free_port, listening, proxy_config, serve, standalone_proxy, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -180,22 +180,31 @@ def litefs_wsgi_serve(config: str):
     beside = os.path.join(os.path.dirname(sys.executable), "litefs-wsgi")
     command = [beside if os.path.exists(beside) else shutil.which("litefs-wsgi"), "serve", "--config", config]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"]
-    with listening(command, port):
-        yield port
+    with listening(command, port) as proc:
+        yield port, proc
+
+
+def logged(proc, line: bytes) -> bool:
+    """The proxy logged ``line`` (with ``debug: true``, one line per routing decision)."""
+    return any(line in logged_line for logged_line in list(proc.output))
 
 
 def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, mount):
     target_port = free_port()
-    config = proxy_config(tmp_path, mount, f"127.0.0.1:{target_port}", connect_timeout="20s")
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{target_port}", connect_timeout="20s", debug="true")
     app = Target(mount)
-    with litefs_wsgi_serve(config) as port:
+    with litefs_wsgi_serve(config) as (port, proc):
         with serve(app, target_port):
             assert request(port, "GET", "/echo")[0] == 200
         # The target is down (restarting): the proxy dials again every 100 ms.
         result = {}
         thread = threading.Thread(target=lambda: result.update(r=request(port, "POST", "/echo", body=b"once")))
         thread.start()
-        time.sleep(0.5)  # the request is now waiting in the proxy for the target
+        # The proxy logs its decision, then dials at once: its first dial is refused. (Only
+        # nearly certain: nothing outside the proxy shows a refused dial. The 0.3 s more make it so.)
+        wait_until(lambda: logged(proc, b"POST /echo: write on the primary"), 20, "the write to reach the proxy")
+        time.sleep(0.3)
+        assert "r" not in result
         with serve(app, target_port):
             thread.join(30)
         status, headers, body = result["r"]
@@ -205,7 +214,9 @@ def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, m
         # A WebSocket upgrade waits for the target the same way.
         thread = threading.Thread(target=lambda: result.update(ws=Client.open(port)))
         thread.start()
-        time.sleep(0.5)
+        wait_until(lambda: logged(proc, b"GET /ws: read"), 20, "the upgrade to reach the proxy")
+        time.sleep(0.3)
+        assert "ws" not in result
         with echo_server(target_port) as echo:
             thread.join(30)
             ws = result["ws"]
@@ -218,7 +229,7 @@ def test_serve_retries_a_refused_connection_until_the_target_is_back(tmp_path, m
 def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
     target_port = free_port()
     config = proxy_config(tmp_path, mount, f"127.0.0.1:{target_port}", connect_timeout="500ms")
-    with litefs_wsgi_serve(config) as port:
+    with litefs_wsgi_serve(config) as (port, _proc):
         status, headers, body = request(port, "POST", "/echo", body=b"x")
         ws = Client.open(port)  # a WebSocket upgrade gets the same answer
     assert status == 502

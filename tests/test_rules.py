@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 
 import pytest
 import urllib3
-from servers import serve, wait_until
+from servers import answers, in_thread, serve, unreleased, wait_until
 from werkzeug.test import Client, create_environ
 
 from litefs_wsgi import LiteFSMiddleware
@@ -294,9 +293,11 @@ def test_read_waits_until_another_thread_moves_the_position(mount, replica, role
         reader = threading.Thread(target=read)
         reader.start()
         wait_until(lambda: middleware.watcher.waiting == 1, 20, "the read to wait")
-        node.set_position("app.db", 5)  # not far enough yet
-        time.sleep(0.05)
-        assert not app.calls
+        with answers(middleware.watcher, "txid") as reads:
+            node.set_position("app.db", 5)  # not far enough yet
+            # Read three times: the watcher has weighed the waiting read against 5 at least once.
+            wait_until(lambda: reads["app.db", 5] >= 3 or app.calls, 20, "the watcher to read TXID 5")
+        assert not app.calls and unreleased(middleware.watcher) == [{"app.db": 6}]
         order.append("replicated")
         node.set_position("app.db", 6)
         reader.join(40)
@@ -444,15 +445,16 @@ def test_no_primary_answers_503(replica, content):
 def test_write_waits_for_a_primary_to_be_known(replica):
     with open(f"{replica.path}/.primary", "wb") as f:
         f.write(b"\n")  # during an election
-    c, _ = client(replica, App(), primary_redirect_timeout="30s")
-    assert c.application.watcher.role() == (False, None)
-    timer = threading.Timer(0.2, replica.make_replica, ("node-b",))
-    timer.start()
-    try:
-        response = c.post("/")
-    finally:
-        timer.join()
-    assert response.headers["fly-replay"] == "instance=node-b"
+    app = App()
+    c, middleware = client(replica, app, primary_redirect_timeout="30s")
+    with answers(middleware.watcher, "role") as roles:
+        writer, result = in_thread(c.post, "/")
+        # Told "no primary" three times and still no answer: the write waits for one.
+        wait_until(lambda: roles[((False, None),)] >= 3 or result, 20, "the write to look for a primary")
+        assert result == [] and not app.calls
+        replica.make_replica("node-b")
+        writer.join(40)
+    assert result[0].headers["fly-replay"] == "instance=node-b"
 
 
 # -- the hop marker ------------------------------------------------------------------------

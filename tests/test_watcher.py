@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from servers import in_thread, recording_app, wait_until
+from servers import answers, in_thread, recording_app, unreleased, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware
@@ -67,9 +67,14 @@ def test_waiters_are_released_in_order_as_the_position_climbs(replica):
         waiters.start(txid, {"app.db": txid})
     wait_until(lambda: watcher.waiting == 10, 10, "10 waiters")
     for txid in range(2, 12):
-        replica.set_position("app.db", txid)
-        wait_until(lambda: txid in waiters.done(), 10, f"the waiter for TXID {txid}")  # noqa: B023
-        assert waiters.done() == set(range(2, txid + 1))  # none further ahead
+        with answers(watcher, "txid") as reads:
+            replica.set_position("app.db", txid)
+            wait_until(lambda: txid in waiters.done(), 10, f"the waiter for TXID {txid}")  # noqa: B023
+            # Read again after the round that woke it: that round is over, and woke nobody further
+            # ahead (a waiter it woke wrongly may not have recorded itself yet; unreleased() sees it).
+            wait_until(lambda: reads["app.db", txid] >= 3 or not watcher.waiting, 10, "the next round")  # noqa: B023
+        assert waiters.done() == set(range(2, txid + 1))
+        assert sorted(targets["app.db"] for targets in unreleased(watcher)) == list(range(txid + 1, 12))
     waiters.join()
     assert all(reached for reached, _ in waiters.results.values())
 
@@ -80,9 +85,11 @@ def test_a_position_that_jumps_releases_everyone_it_passes(replica):
     for txid in (3, 5, 9):
         waiters.start(txid, {"app.db": txid})
     wait_until(lambda: watcher.waiting == 3, 10, "3 waiters")
-    replica.set_position("app.db", 6)
-    wait_until(lambda: waiters.done() == {3, 5}, 10, "the waiters up to 6")
-    assert 9 not in waiters.done()
+    with answers(watcher, "txid") as reads:
+        replica.set_position("app.db", 6)
+        wait_until(lambda: waiters.done() == {3, 5}, 10, "the waiters up to 6")
+        wait_until(lambda: reads["app.db", 6] >= 3, 10, "a round after the one that woke them")
+    assert 9 not in waiters.done() and unreleased(watcher) == [{"app.db": 9}]
     replica.set_position("app.db", 100)
     waiters.join()
 
