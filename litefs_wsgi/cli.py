@@ -97,8 +97,13 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         is_primary, primary = Watcher(node).role()
         source, unknown = "from the mount's .primary file", "unknown (.primary is not a plain host name)"
+    if not isinstance(info, dict) and not os.path.isdir(mount_dir):
+        # The files would read as "primary" (no .primary file): say what is really known.
+        print(f"mount:    {mount_dir} (not found: is LiteFS running? set --dir, fuse.dir or LITEFS_DIR)")
+        print("role:     unknown")
+        return 1
     lag = node.lag()
-    print(f"mount:    {mount_dir}{'' if os.path.isdir(mount_dir) else ' (not found)'}")
+    print(f"mount:    {mount_dir}")
     print(f"role:     {'primary' if is_primary else 'replica'} ({source})")
     print(f"primary:  {'this node' if is_primary else primary or unknown}")
     print(f"lag:      {'unreadable' if lag is None else f'{lag} ms'}")

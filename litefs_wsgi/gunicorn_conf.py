@@ -15,7 +15,8 @@ try:
     if not _config.target:
         raise ConfigError("target: set proxy.target in the config file, or LITEFS_PROXY_TARGET=localhost:8081")
 except ConfigError as exc:
-    sys.exit(f"litefs-wsgi: {exc}")
+    print(f"litefs-wsgi: {exc}", file=sys.stderr)
+    sys.exit(2)  # as the litefs-wsgi command does for a bad option
 
 # The WSGI app each worker serves: the rules of LiteFS's proxy in front of `target`.
 wsgi_app = "litefs_wsgi.proxy:application"

@@ -12,7 +12,7 @@ from servers import ROOT, FakeLiteFS, free_port
 from litefs_wsgi.testing import LiteFSMount
 
 
-def status(*args: str, env: dict | None = None) -> str:
+def status(*args: str, env: dict | None = None, code: int = 0) -> str:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "FLY_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "litefs_wsgi.cli", "status", *args],
@@ -22,7 +22,7 @@ def status(*args: str, env: dict | None = None) -> str:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == code, proc.stderr
     return proc.stdout
 
 
@@ -61,9 +61,9 @@ def test_a_replica(mount):
 def test_the_mount_from_the_environment_and_a_missing_mount(mount, tmp_path):
     mount.make_replica("node-a")
     assert lines(status(env={"LITEFS_DIR": mount.path}))["primary"] == "node-a"
-    out = status("--dir", str(tmp_path / "nowhere"))
-    assert "(not found)" in lines(out)["mount"]
-    assert lines(out)["role"].startswith("primary")  # no mount: the files cannot say otherwise
+    out = status("--dir", str(tmp_path / "nowhere"), code=1)
+    assert "(not found: is LiteFS running?" in lines(out)["mount"]
+    assert lines(out)["role"] == "unknown"  # not "primary", which is all the absent files would say
 
 
 def test_garbled_files_are_reported_not_trusted(mount):

@@ -5,6 +5,9 @@ Run it on this machine, no LiteFS needed (with no .primary file the node is the 
     mkdir -p /tmp/litefs
     LITEFS_DIR=/tmp/litefs flask --app examples/flask_app/app.py run --port 8080
 
+Without LiteFS nothing writes ``app.db-pos``, so writes get no ``__txid`` cookie: to see the
+cookie and the wait for replication, run ``litefs-wsgi demo``.
+
 Under LiteFS (see ../litefs.yml, ../Dockerfile, ../fly.toml), LiteFS starts it after joining
 the cluster:
 
