@@ -119,7 +119,9 @@ def hold_times(lines: list[str]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=8, help="proxy threads (one worker)")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each run")
     parser.add_argument("--waiting", type=float, default=0.25, help="share of clients with far-ahead cookies")

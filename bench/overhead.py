@@ -51,7 +51,9 @@ def environ(method: str, cookie: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=20000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)

@@ -175,7 +175,9 @@ def load(url: str, requests: int, concurrency: int, headers: dict | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("-n", "--requests", type=int, default=4000)
     parser.add_argument("-c", "--concurrency", type=int, default=16)
     args = parser.parse_args(argv)

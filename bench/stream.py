@@ -129,7 +129,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--size", type=parse_size, default=1024**3, help="bytes each way, e.g. 64M, 1G (default 1G)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each transfer; the best is shown (default 2)")
     args = parser.parse_args(argv)

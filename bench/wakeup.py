@@ -83,7 +83,9 @@ def run(kind: str, n: int, idle: float, mount: LiteFSMount) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--waiters", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of waiting measured for CPU")
     args = parser.parse_args(argv)
