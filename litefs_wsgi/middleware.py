@@ -131,7 +131,7 @@ class LiteFSMiddleware:
             raise TypeError("pass either config or keyword options, not both")
         self.app = app
         self.config = config = config if config is not None else Config.load(**options)
-        self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url, config.max_waiters)
+        self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url)
         set_default_watcher(self.watcher)
         self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)
         self.forwarder = forwarder or Forwarder(config.connect_timeout, config.read_timeout)
@@ -177,7 +177,7 @@ class LiteFSMiddleware:
         if targets:
             try:
                 alive = client_alive(environ)
-                reached = self.watcher.wait(targets, self.config.poll_timeout, alive)
+                reached = self.watcher.wait(targets, self.config.poll_timeout, alive, self.config.max_waiters)
             except TooManyWaiters:
                 self._debug("refused, too many waiting", method, path)
                 return errors.error(

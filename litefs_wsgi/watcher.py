@@ -101,17 +101,25 @@ class Watcher:
             return not os.path.lexists(os.path.join(self.node.mount_dir, db + "-pos"))
         return txid >= target
 
-    def wait(self, targets: Mapping[str, int], timeout: float, alive: Callable[[], bool] | None = None) -> bool:
+    def wait(
+        self,
+        targets: Mapping[str, int],
+        timeout: float,
+        alive: Callable[[], bool] | None = None,
+        max_waiters: int | None = None,
+    ) -> bool:
         """Block until every database in ``targets`` reaches its TXID; False after ``timeout``,
         or as soon as ``alive()`` (asked every ALIVE_CHECK_INTERVAL) says the client has gone.
 
-        Raises TooManyWaiters at once when ``max_waiters`` requests already wait.
+        Raises TooManyWaiters at once when ``max_waiters`` (default: the watcher's) requests
+        already wait in this process.
         """
         if self.reached(targets):
             return True
         waiter = _Waiter(targets)
+        bound = self.max_waiters if max_waiters is None else max_waiters
         with self._cond:
-            if self.max_waiters and len(self._waiters) >= self.max_waiters:
+            if bound and len(self._waiters) >= bound:
                 raise TooManyWaiters()
             self._waiters.append(waiter)
             self._changed = True
@@ -212,12 +220,16 @@ if hasattr(os, "register_at_fork"):
 
 
 def get_watcher(mount_dir: str, poll_interval: float, api_url: str | None = None, max_waiters: int = 0) -> Watcher:
-    """The process's one watcher for this mount and settings, made on first use."""
-    key = (mount_dir, poll_interval, api_url, max_waiters)
+    """The process's one watcher for this mount (and LiteFS API), made on first use.
+
+    Middlewares sharing it share one poller: it polls at the shortest ``poll_interval``
+    asked for; ``max_waiters`` is each caller's to pass to ``wait``."""
+    key = (os.path.abspath(mount_dir), api_url)
     with _watchers_lock:
         watcher = _watchers.get(key)
         if watcher is None:
             watcher = _watchers[key] = Watcher(Node(mount_dir), poll_interval, api_url, max_waiters)
+        watcher.poll_interval = min(watcher.poll_interval, poll_interval)
         return watcher
 
 
