@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--dir", help="LiteFS mount (default: fuse.dir, $LITEFS_DIR or /litefs)")
     status.add_argument("--db", action="append", help="database to report (default: proxy.db, else all)")
     status.add_argument("--api-url", help="LiteFS HTTP API, e.g. http://localhost:20202")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
     from . import demo
 
@@ -73,8 +74,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """Print the node's state; exit 1 when the mount is not LiteFS's or the API cannot be reached."""
     from .config import _api_url, options_from_env, read_yaml
-    from .node import Node
+    from .node import Node, describe_mount_problem, mount_problem
     from .watcher import Watcher
 
     options = (
@@ -89,38 +91,82 @@ def run_status(args: argparse.Namespace) -> int:
     api_url = _api_url(args.api_url or options.get("api_url"), "api_url")
     node = Node(mount_dir)
     info = _info(api_url) if api_url else None
+    problem = mount_problem(mount_dir)  # as LiteFSMiddleware judges it at start-up
+    report: dict = {"mount": mount_dir, "mount_problem": problem and describe_mount_problem(mount_dir, problem)}
     if isinstance(info, dict):
         # The API knows what the files cannot tell apart: this node being the primary, and
         # a replica during an election.
         is_primary, primary = _role_from_info(info)
-        source, unknown = f"from {api_url}/info", "none (an election)"
+        report.update(role="primary" if is_primary else "replica", role_source=f"{api_url}/info")
+        report["primary"] = None if is_primary else primary
+    elif problem is not None:
+        # The files would read as "primary" (no .primary file): say what is really known.
+        report.update(role="unknown", role_source=None, primary=None)
     else:
         is_primary, primary = Watcher(node).role()
-        source, unknown = "from the mount's .primary file", "unknown (.primary is not a plain host name)"
-    if not isinstance(info, dict) and not os.path.isdir(mount_dir):
-        # The files would read as "primary" (no .primary file): say what is really known.
-        print(f"mount:    {mount_dir} (not found: is LiteFS running? set --dir, fuse.dir or LITEFS_DIR)")
-        print("role:     unknown")
-        return 1
-    lag = node.lag()
-    print(f"mount:    {mount_dir}")
-    print(f"role:     {'primary' if is_primary else 'replica'} ({source})")
-    print(f"primary:  {'this node' if is_primary else primary or unknown}")
-    print(f"lag:      {'unreadable' if lag is None else f'{lag} ms'}")
-    for db in dbs:
-        pos = node.pos(db)
-        exists = os.path.exists(os.path.join(mount_dir, db + "-pos"))
-        print(
-            f"db {db}: "
-            + (
-                f"TXID {pos.txid:016x} ({pos.txid}), checksum {pos.checksum:016x}"
-                if pos
-                else ("unreadable position" if exists else "no position")
-            )
-        )
+        report.update(role="primary" if is_primary else "replica", role_source="the mount's .primary file")
+        report["primary"] = None if is_primary else primary
+    if problem is None:
+        report["lag_ms"] = node.lag()
+        report["databases"] = {}
+        for db in dbs:
+            pos = node.pos(db)
+            if pos is not None:
+                entry: dict | None = {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}"}
+            elif os.path.lexists(os.path.join(mount_dir, db + "-pos")):
+                entry = {"error": "unreadable position"}
+            else:
+                entry = None
+            report["databases"][db] = entry
     if api_url:
-        print(f"api {api_url}/info: {json.dumps(info) if isinstance(info, dict) else info}")
-    return 0
+        report["api"] = {"url": api_url, "info": info if isinstance(info, dict) else None}
+        if not isinstance(info, dict):
+            report["api"]["error"] = info
+    code = 1 if problem is not None or (api_url and not isinstance(info, dict)) else 0
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return code
+
+
+def _print_status(report: dict) -> None:
+    problem = report["mount_problem"]
+    if problem:
+        if "LiteFS is mounted at" not in problem:  # else it already says where to point --dir
+            problem += "; is LiteFS running? set --dir, fuse.dir or LITEFS_DIR"
+        print(f"mount:    {report['mount']} (not a LiteFS mount: {problem})")
+    else:
+        print(f"mount:    {report['mount']}")
+    if report["role"] == "unknown":
+        print("role:     unknown")
+    else:
+        is_primary = report["role"] == "primary"
+        print(f"role:     {report['role']} (from {report['role_source']})")
+        if is_primary:
+            primary = "this node"
+        elif report["primary"]:
+            primary = report["primary"]
+        elif report["role_source"].endswith("/info"):
+            primary = "none (an election)"
+        else:
+            primary = "unknown (.primary is not a plain host name)"
+        print(f"primary:  {primary}")
+    if "lag_ms" in report:
+        lag = report["lag_ms"]
+        print(f"lag:      {'unreadable' if lag is None else f'{lag} ms'}")
+        for db, entry in report["databases"].items():
+            if entry is None:
+                text = "no position"
+            elif "error" in entry:
+                text = entry["error"]
+            else:
+                txid = int(entry["txid"], 16)
+                text = f"TXID {entry['txid']} ({txid}), checksum {entry['checksum']}"
+            print(f"db {db}: {text}")
+    if "api" in report:
+        api = report["api"]
+        print(f"api {api['url']}/info: {json.dumps(api['info']) if api['info'] is not None else api['error']}")
 
 
 def _databases_in(mount_dir: str) -> list[str]:

@@ -111,34 +111,41 @@ def _forward(value: Any, name: str) -> str:
     return value
 
 
-def _url(value: Any, name: str, *, template: bool = False) -> str:
+def _url(value: Any, name: str, *, template: bool = False, given: str | None = None) -> str:
+    """Check an http(s) URL (``given``: the value as the user wrote it, for the message)."""
     text = _str(value, name)
+    shown = text if given is None else given
     if template:
         try:
             probe = text.format(hostname="primary", port="8080")
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(
-                f"{name}: {text!r} may only use {{hostname}} and {{port}} (e.g. 'http://{{hostname}}:{{port}}')"
+                f"{name}: {shown!r} may only use {{hostname}} and {{port}} (e.g. 'http://{{hostname}}:{{port}}')"
             ) from exc
-        if "{hostname}" not in text:
-            raise ConfigError(f"{name}: {text!r} must contain {{hostname}}, the primary's host name")
     else:
         probe = text
-    parts = urlsplit(probe)
+    try:
+        parts = urlsplit(probe)
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:  # "https://[::1", "localhost:99999", "host:http"
+        why = "the port must be a number from 1 to 65535" if "port" in str(exc).lower() else str(exc)
+        raise ConfigError(f"{name}: {shown!r} is not a valid URL: {why}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {text!r}")
+        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {shown!r}")
+    if port == 0:
+        raise ConfigError(f"{name}: {shown!r} is not a valid URL: the port must be a number from 1 to 65535")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{name}: {text!r} must not have a query or fragment")
+        raise ConfigError(f"{name}: {shown!r} must not have a query or fragment")
     return text.rstrip("/")
 
 
 def _target(value: Any, name: str) -> str | None:
     if value in (None, ""):
         return None
-    text = _str(value, name)
+    given = text = _str(value, name)
     if "://" not in text:  # LiteFS writes the target as host:port
         text = "http://" + ("localhost" + text if text.startswith(":") else text)
-    return _url(text, name)
+    return _url(text, name, given=given)
 
 
 def _addr(value: Any, name: str) -> str:
@@ -152,10 +159,10 @@ def _addr(value: Any, name: str) -> str:
 def _api_url(value: Any, name: str) -> str | None:
     if value in (None, ""):
         return None
-    text = _str(value, name)
+    given = text = _str(value, name)
     if "://" not in text:  # litefs.yml's http.addr is ":20202"
         text = "http://" + ("localhost" + text if text.startswith(":") else text)
-    return _url(text, name)
+    return _url(text, name, given=given)
 
 
 def _default_mount_dir() -> str:
@@ -164,6 +171,10 @@ def _default_mount_dir() -> str:
 
 def _default_forward() -> str:
     return "fly-replay" if os.environ.get("FLY_APP_NAME") else "http"
+
+
+def _default_require_mount() -> bool:
+    return bool(os.environ.get("FLY_APP_NAME"))  # on Fly.io a node always runs under LiteFS
 
 
 def _default_primary_url() -> str:
@@ -210,11 +221,17 @@ class Config:
         None,
         check=lambda v, n: None if v in (None, "") else _url(v, n, template=True),
         doc="where writes are forwarded over HTTP; default http://{hostname}:{port}, and on "
-        "Fly.io http://{hostname}.vm.$FLY_APP_NAME.internal:{port}",
+        "Fly.io http://{hostname}.vm.$FLY_APP_NAME.internal:{port}; or a fixed URL",
     )
     cookie_secret: str | None = _field(None, check=_optional_str, doc="signs the __txid cookie")
     api_url: str | None = _field(None, check=_api_url, doc="LiteFS HTTP API, e.g. http://localhost:20202")
     max_waiters: int = _field(0, check=_int, doc="reads allowed to wait at once per process (0: no bound)")
+    require_mount: bool = _field(
+        factory=_default_require_mount,
+        check=_bool,
+        doc="without LiteFS's mount (no .lag), never act as the primary: writes and health answer 503; "
+        "default: on when FLY_APP_NAME is set",
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -291,14 +308,21 @@ def _did_you_mean(name: str, choices: list[str]) -> str:
 
 
 def options_from_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Return the options set in the environment, as strings for Config to check."""
+    """Return the options set in the environment, as strings for Config to check; a
+    ``LITEFS_PROXY_*`` variable that names no option is an error, not ignored."""
     options = {}
     if env.get("LITEFS_DIR"):
         options["mount_dir"] = env["LITEFS_DIR"]
-    for name in Config.option_names():
-        value = env.get(env_name(name))
-        if value is not None:
-            options[name] = value
+    names = Config.option_names()
+    for variable in sorted(env):
+        if not variable.startswith("LITEFS_PROXY_"):
+            continue
+        name = variable[len("LITEFS_PROXY_") :].lower()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {env_name(close[0])}?" if close else f"; the options are: {', '.join(names)}"
+            raise ConfigError(f"unknown environment variable {variable} (no option {name!r}){hint}")
+        options[name] = env[variable]
     return options
 
 

@@ -64,7 +64,8 @@ class TxidCookie:
     def _verify(self, value: str) -> str | None:
         payload, _, signature = value.rpartition(".")
         txids, _, expires = payload.rpartition(".")
-        if not txids or len(expires) > 16 or not expires.isascii() or not expires.isalnum():
+        # payload must be ASCII to be signed: a cookie is latin-1 text, and "é.1.x" once raised here.
+        if not txids or len(expires) > 16 or not payload.isascii() or not expires.isalnum():
             return None
         if not hmac.compare_digest(signature.encode("ascii", "replace"), _sign(self.secret, payload).encode()):
             return None

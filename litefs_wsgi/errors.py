@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from werkzeug.http import HTTP_STATUS_CODES
 
 NO_PRIMARY = "Proxy error: no primary available"
+NOT_PRIMARY = NO_PRIMARY + ": the request was forwarded to a node that is not the primary"
 TIMEOUT = "Proxy timeout"
 
 

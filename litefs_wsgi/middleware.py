@@ -1,8 +1,9 @@
-"""The request rules of LiteFS's proxy (SPEC.md section 2), as a WSGI middleware."""
+"""The request rules of LiteFS's proxy (passthrough, health, read, write), as a WSGI middleware."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
 import socket
@@ -16,6 +17,7 @@ from . import errors
 from .config import Config
 from .cookie import TxidCookie
 from .forwarding import HOP_ENVIRON_KEY, Forwarder
+from .node import database_files, describe_mount_problem, mount_problem
 from .watcher import TooManyWaiters, Watcher, get_watcher, set_default_watcher
 
 log = logging.getLogger("litefs_wsgi")
@@ -25,6 +27,7 @@ FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request 
 REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
 FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
 FAR_AHEAD_LOG_EVERY = 60.0
+WARN_EVERY = 60.0  # a warning a client's requests can cause is logged at most this often
 
 
 class ReplayOnPrimary(HTTPException):
@@ -138,8 +141,26 @@ class LiteFSMiddleware:
         self._passthrough = compile_patterns(config.passthrough)
         self._always_forward = compile_patterns(config.always_forward)
         self._far_ahead_logged = -FAR_AHEAD_LOG_EVERY
+        self._misrouted_logged = self._unmounted_logged = -WARN_EVERY
+        self._no_position_logged: set[str] = set()
+        self._not_mounted = f"Proxy error: LiteFS is not mounted at {config.mount_dir}"
         if config.debug:
             enable_debug_log()
+        if config.require_mount:
+            self.watcher.require_mount = True  # is_primary() and role() too say "not the primary"
+        problem = mount_problem(config.mount_dir)
+        if problem is not None:
+            log.warning(
+                "LiteFS is not mounted at %s (mount_dir): %s. %s",
+                config.mount_dir,
+                describe_mount_problem(config.mount_dir, problem),
+                "With require_mount this node never acts as the primary until the mount is there: "
+                "writes and /litefs/health answer 503."
+                if config.require_mount
+                else "This node acts as the primary: writes run here, in files no LiteFS replicates. "
+                "Run the app under LiteFS (its exec: section), fix mount_dir, or set require_mount "
+                "to refuse writes instead.",
+            )
 
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
         # The hop marker is ours and never reaches the app. It only makes this node refuse
@@ -163,6 +184,9 @@ class LiteFSMiddleware:
             log.debug("%s %s: %s%s", method, path, decision, "".join(f" {d}" for d in details))
 
     def _health(self, start_response) -> Iterable[bytes]:
+        if self.config.require_mount and self.watcher.mount_problem() is not None:
+            self._debug("health: LiteFS not mounted", "GET", HEALTH_PATH)
+            return errors.error(start_response, 503, self._not_mounted)
         lag = self.watcher.node.lag()
         max_lag_ms = self.config.max_lag * 1000
         if self.config.max_lag and (lag is None or lag > max_lag_ms):
@@ -244,6 +268,9 @@ class LiteFSMiddleware:
         return self._write(environ, start_response, method, path, replayed)
 
     def _write(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
+        if self.config.require_mount and self.watcher.mount_problem() is not None:
+            self._refuse_unmounted(method, path)
+            return errors.error(start_response, 503, self._not_mounted)
         is_primary, primary = self.watcher.role()
         if not is_primary and (primary is None or replayed):
             # An election; or a request another node already sent here, while two nodes may
@@ -254,6 +281,9 @@ class LiteFSMiddleware:
             )
             if not is_primary and (primary is None or replayed):
                 self._debug("no primary", method, path, "(already forwarded once)" if replayed else "")
+                if replayed:
+                    self._log_misrouted(environ, method, path, primary)
+                    return errors.error(start_response, 503, errors.NOT_PRIMARY)
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
             self._debug("write on the primary", method, path)
@@ -269,12 +299,76 @@ class LiteFSMiddleware:
         self._debug("forward", method, path, url)
         return self.forwarder.forward(environ, start_response, url, mark=True)
 
+    def _refuse_unmounted(self, method: str, path: str) -> None:
+        self._debug("refused: LiteFS is not mounted (require_mount)", method, path)
+        now = time.monotonic()
+        if now - self._unmounted_logged >= WARN_EVERY:
+            self._unmounted_logged = now
+            log.warning(
+                "refusing writes with 503: LiteFS is not mounted at %s: %s (require_mount; logged at most "
+                "once a minute)",
+                self.config.mount_dir,
+                self.watcher.mount_problem(),
+            )
+
+    def _log_misrouted(self, environ: dict, method: str, path: str, primary: str | None) -> None:
+        """Say who sent a request here that only the primary may answer, once a minute at most."""
+        now = time.monotonic()
+        if now - self._misrouted_logged < WARN_EVERY:
+            return
+        self._misrouted_logged = now
+        here = f"the primary is {primary}" if primary else "no primary is known"
+        sender = environ.get("REMOTE_ADDR") or "an unknown address"
+        if "HTTP_FLY_REPLAY_SRC" in environ:
+            log.warning(
+                "%s %r was replayed here by Fly.io (Fly-Replay-Src: %r), but this node is not the primary (%s): "
+                "the node that answered fly-replay named this one as the primary; its .primary was stale "
+                "(a failover?) (logged at most once a minute)",
+                method,
+                path[:200],
+                environ["HTTP_FLY_REPLAY_SRC"][:200],
+                here,
+            )
+        else:
+            log.warning(
+                "%s %r was forwarded here by %s (X-Forwarded-For: %r), but this node is not the primary (%s): "
+                "the primary_url of that node points at a node that is not the primary, unless a failover "
+                "is under way or a client sent X-LiteFS-Forwarded itself (logged at most once a minute)",
+                method,
+                path[:200],
+                sender,
+                (environ.get("HTTP_X_FORWARDED_FOR") or "")[:200],
+                here,
+            )
+
+    def _note_no_position(self, txids: dict[str, int | None]) -> None:
+        """Say once per database that a write on the primary found no position for it."""
+        for db, txid in txids.items():
+            if txid is not None or db in self._no_position_logged:
+                continue
+            self._no_position_logged.add(db)
+            if os.path.lexists(os.path.join(self.config.mount_dir, db + "-pos")):
+                continue  # there but unreadable: the watcher's node logs that itself
+            seen = [name for name in database_files(self.config.mount_dir) if name != db]
+            log.warning(
+                "a write on the primary found no %s-pos in %s: no __txid cookie covers %s, so reads after "
+                "writes do not wait for it. Does db=%r name the database file the app writes? %s "
+                "(logged once; a database not created yet has no position either)",
+                db,
+                self.config.mount_dir,
+                db,
+                db,
+                f"The mount holds: {', '.join(seen)}." if seen else "The mount holds no database.",
+            )
+
     def _serve_write(self, environ, start_response) -> Iterable[bytes]:
         secure = environ.get("wsgi.url_scheme") == "https"
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
             txids = {db: self.watcher.txid(db) for db in self.config.db}
+            if None in txids.values():
+                self._note_no_position(txids)
             if any(txid is not None for txid in txids.values()):
                 headers = [
                     *headers,

@@ -1,4 +1,4 @@
-"""Read a LiteFS node's state from the control files in its mount (SPEC.md section 1)."""
+"""Read a LiteFS node's state from the control files in its mount: ``DB-pos``, ``.primary``, ``.lag``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,62 @@ _MAX_CONTROL_FILE = 4096  # a real control file is tens of bytes; never read a h
 def valid_hostname(name: str) -> bool:
     """True if ``name`` is a plain host name (optionally ``:port``) safe to put in a header."""
     return bool(_HOSTNAME.fullmatch(name))
+
+
+def litefs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The directories where LiteFS is mounted (type ``fuse``, source ``litefs``), as Linux
+    lists them; empty where /proc is not there."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        # "36 35 98:0 / /litefs rw,relatime - fuse litefs rw,...": the mount point is the
+        # fifth field (spaces escaped as \040), the type and source follow the " - ".
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) >= 5 and tail[:2] == ["fuse", "litefs"]:
+            found.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return found
+
+
+def mount_problem(mount_dir: str) -> str | None:
+    """Why ``mount_dir`` is not a LiteFS mount, or None when it is one: a mounted LiteFS
+    always holds ``.lag``; the mount point it leaves (or has not mounted yet) is empty."""
+    if os.path.lexists(os.path.join(mount_dir, ".lag")):
+        return None
+    try:
+        entries = os.listdir(mount_dir)
+    except FileNotFoundError:
+        return "it does not exist"
+    except NotADirectoryError:
+        return "it is not a directory"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if not entries:
+        return "it is empty (a mount point LiteFS has not mounted, or has left)"
+    return "it has no .lag file, which a LiteFS mount always holds"
+
+
+def describe_mount_problem(mount_dir: str, problem: str) -> str:
+    """``problem`` (from mount_problem) with where LiteFS is mounted instead, if anywhere."""
+    elsewhere = [path for path in litefs_mounts() if os.path.abspath(path) != os.path.abspath(mount_dir)]
+    if elsewhere:
+        return f"{problem}; LiteFS is mounted at {', '.join(elsewhere)}: set mount_dir (fuse.dir, LITEFS_DIR) to it"
+    return problem
+
+
+def database_files(mount_dir: str, limit: int = 20) -> list[str]:
+    """The databases a mount shows: every name with a ``-pos`` file, and SQLite-looking files."""
+    try:
+        names = os.listdir(mount_dir)
+    except OSError:
+        return []
+    found = {name[:-4] for name in names if name.endswith("-pos")}
+    found.update(name for name in names if name.endswith((".db", ".sqlite", ".sqlite3", ".db3")))
+    return sorted(found)[:limit]
 
 
 def _read(path: str) -> bytes | None:
@@ -61,9 +117,9 @@ class Node:
     def role(self) -> tuple[bool, str | None]:
         """(this node is the primary, the primary's hostname), from one read of ``.primary``.
 
-        No file means this node is the primary: how LiteFS's users read the files (SPEC.md
-        section 1). A file that cannot be read or is not a plain host name means a replica
-        that knows no primary."""
+        No file means this node is the primary: how LiteFS's users read the files (they
+        cannot tell the primary from a replica during an election). A file that cannot be
+        read or is not a plain host name means a replica that knows no primary."""
         try:
             data = _read(os.path.join(self.mount_dir, ".primary"))
         except OSError as exc:

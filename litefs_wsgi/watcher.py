@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from .events import EventStream
-from .node import Node
+from .node import Node, mount_problem
 
 log = logging.getLogger("litefs_wsgi")
 
@@ -19,6 +19,9 @@ EVENT_FALLBACK_INTERVAL = 0.05
 
 # How often a waiting read asks whether its client is still there (``alive`` in wait).
 ALIVE_CHECK_INTERVAL = 0.05
+
+# With require_mount, how long the answer to "is LiteFS mounted?" is kept before asking again.
+MOUNT_CHECK_INTERVAL = 0.1
 
 
 class TooManyWaiters(Exception):
@@ -54,6 +57,10 @@ class Watcher:
         self._changed = False
         self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
+        # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
+        self.require_mount = False
+        self._mount_checked = -MOUNT_CHECK_INTERVAL
+        self._mount_problem: str | None = None
 
     def _after_fork(self) -> None:
         # A forked worker (gunicorn --preload, uWSGI) inherits no threads: waiters, the poll
@@ -81,8 +88,19 @@ class Watcher:
                 txid = max(txid or 0, seen)
         return txid
 
+    def mount_problem(self) -> str | None:
+        """Why the mount is not LiteFS's (see ``node.mount_problem``), or None; looked at
+        again at most every MOUNT_CHECK_INTERVAL, so that asking costs no syscall per request."""
+        now = time.monotonic()
+        if now - self._mount_checked >= MOUNT_CHECK_INTERVAL:
+            self._mount_problem = mount_problem(self.node.mount_dir)
+            self._mount_checked = now
+        return self._mount_problem
+
     def role(self) -> tuple[bool, str | None]:
         """(this node is the primary, the primary's hostname when it is another node)."""
+        if self.require_mount and self.mount_problem() is not None:
+            return False, None  # not LiteFS's mount: whatever the files say, never the primary
         events = self.events
         if events is not None and events.connected:
             return events.is_primary, (None if events.is_primary else events.hostname)

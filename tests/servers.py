@@ -28,6 +28,9 @@ from litefs_wsgi.testing import LiteFSMount
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The 503 body for a request that was already forwarded once and reached a node that is not the primary.
+NOT_PRIMARY = b"Proxy error: no primary available: the request was forwarded to a node that is not the primary\n"
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -51,6 +51,7 @@ def test_defaults_are_litefs_defaults():
     assert config.cookie_secret is None
     assert config.api_url is None
     assert config.max_waiters == 0
+    assert config.require_mount is False
 
 
 def test_every_option_is_tested_above():
@@ -59,7 +60,7 @@ def test_every_option_is_tested_above():
         "db", "mount_dir", "target", "addr", "passthrough", "always_forward", "max_lag",
         "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
         "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
-        "primary_url", "cookie_secret", "api_url", "max_waiters",
+        "primary_url", "cookie_secret", "api_url", "max_waiters", "require_mount",
     }  # fmt: skip
 
 
@@ -73,7 +74,9 @@ def test_on_fly_forward_is_fly_replay_and_primary_url_is_the_private_network(mon
     config = Config(db="app.db")
     assert config.forward == "fly-replay"
     assert config.primary_url == "http://{hostname}.vm.my-app.internal:{port}"
+    assert config.require_mount is True
     assert Config(db="app.db", forward="http").forward == "http"
+    assert Config(db="app.db", require_mount=False).require_mount is False
 
 
 def test_empty_fly_app_name_is_not_fly(monkeypatch):
@@ -152,13 +155,20 @@ def test_poll_interval_zero_is_an_error():
         ({"db": ["a.db", "a.db"]}, "db"),
         ({"db": 5}, "db"),
         ({"forward": "replay"}, "forward"),
-        ({"primary_url": "http://primary:8080"}, "primary_url"),  # no {hostname}
         ({"primary_url": "http://{host}:{port}"}, "primary_url"),
         ({"primary_url": "ftp://{hostname}"}, "primary_url"),
         ({"primary_url": "http://{hostname}/?a=1"}, "primary_url"),
         ({"addr": "8080"}, "addr"),
         ({"addr": ":99999"}, "addr"),
         ({"target": "ftp://app"}, "target"),
+        ({"target": "localhost:99999"}, "target"),
+        ({"target": "localhost:0"}, "target"),
+        ({"target": "https://[::1"}, "target"),
+        ({"target": "http://app:http"}, "target"),
+        ({"primary_url": "http://{hostname}:70000"}, "primary_url"),
+        ({"primary_url": "http://[::1"}, "primary_url"),
+        ({"api_url": ":99999"}, "api_url"),
+        ({"require_mount": "maybe"}, "require_mount"),
         ({"api_url": "ftp://x"}, "api_url"),
         ({"debug": "maybe"}, "debug"),
         ({"max_waiters": -1}, "max_waiters"),

@@ -189,3 +189,32 @@ def test_cookie_far_ahead_is_logged_as_forged_or_stale(tmp_path, caplog, secret)
         assert client.get("/", headers={"Cookie": f"__txid={far}"}).status_code == 504
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "1000000000 ahead" in warnings[0] and "forged or stale" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "é.1.x",  # non-ASCII in the TXIDs: once an exception out of the middleware (a 500)
+        "0000000000000001é.1.0123456789abcdef0123456789abcdef",
+        "0000000000000001.é.x",
+        "0000000000000001.1.é",
+        "0000000000000001.1_0.x",
+        "0000000000000001.-1.x",
+        "0000000000000001.ffffffffffffffffff.x",
+        ".1.",
+        "..",
+        "\x00.\x00.\x00",
+    ],
+)
+def test_a_malformed_signed_cookie_reads_as_none_under_a_real_server(tmp_path, value):
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    mount.set_position("app.db", 1)
+    assert TxidCookie(["app.db"], 300, SECRET).read({"HTTP_COOKIE": "__txid=" + value}) is None
+    app = LiteFSMiddleware(items_app(mount), db="app.db", mount_dir=mount.path, cookie_secret=SECRET)
+    with serve(app) as url:
+        http = urllib3.PoolManager(timeout=20, retries=False)
+        response = http.request(
+            "GET", url + "/", headers={"Cookie": ("__txid=" + value).encode("utf-8").decode("latin-1")}
+        )
+    assert (response.status, response.data) == (200, b"0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,7 +63,9 @@ def test_the_mount_from_the_environment_and_a_missing_mount(mount, tmp_path):
     mount.make_replica("node-a")
     assert lines(status(env={"LITEFS_DIR": mount.path}))["primary"] == "node-a"
     out = status("--dir", str(tmp_path / "nowhere"), code=1)
-    assert "(not found: is LiteFS running?" in lines(out)["mount"]
+    # Where LiteFS is mounted instead, if anywhere on this machine, follows "it does not exist".
+    assert lines(out)["mount"].startswith(f"{tmp_path / 'nowhere'} (not a LiteFS mount: it does not exist;")
+    assert "is LiteFS running?" in out or "LiteFS is mounted at" in out
     assert lines(out)["role"] == "unknown"  # not "primary", which is all the absent files would say
 
 
@@ -114,8 +117,67 @@ def test_the_api_url_from_a_litefs_yml(mount, tmp_path):
 def test_an_unreachable_api_leaves_the_files_in_charge(mount):
     mount.make_replica("node-a")
     url = f"http://127.0.0.1:{free_port()}"
-    output = status("--dir", mount.path, "--api-url", url)
+    output = status("--dir", mount.path, "--api-url", url, code=1)
     out = lines(output)
     assert out["role"] == "replica (from the mount's .primary file)"
     assert out["primary"] == "node-a"
     assert f"api {url}/info: unreachable" in output
+
+
+@pytest.mark.parametrize(
+    ("layout", "problem"),
+    [
+        (lambda d: d.mkdir(), "it is empty (a mount point LiteFS has not mounted, or has left)"),
+        (
+            lambda d: (d.mkdir(), (d / "app.db").write_bytes(b"")),
+            "it has no .lag file, which a LiteFS mount always holds",
+        ),
+    ],
+)
+def test_a_directory_that_is_not_a_litefs_mount_is_role_unknown_and_exit_1(tmp_path, layout, problem):
+    # As the middleware judges it at start-up: no .lag, not LiteFS's mount.
+    directory = tmp_path / "litefs"
+    layout(directory)
+    out = lines(status("--dir", str(directory), code=1))
+    assert out["mount"].startswith(f"{directory} (not a LiteFS mount: {problem}")
+    assert out["role"] == "unknown" and "primary" not in out
+
+
+def test_json(mount):
+    mount.make_replica("node-a", lag_ms=12)
+    mount.set_position("app.db", 7, checksum=0xABC)
+    report = json.loads(status("--dir", mount.path, "--db", "app.db", "--db", "later.db", "--json"))
+    assert report == {
+        "mount": mount.path,
+        "mount_problem": None,
+        "role": "replica",
+        "role_source": "the mount's .primary file",
+        "primary": "node-a",
+        "lag_ms": 12,
+        "databases": {"app.db": {"txid": "0000000000000007", "checksum": "0000000000000abc"}, "later.db": None},
+    }
+    url = f"http://127.0.0.1:{free_port()}"
+    report = json.loads(status("--dir", mount.path, "--api-url", url, "--json", code=1))
+    assert report["api"]["url"] == url and report["api"]["info"] is None
+    assert report["api"]["error"].startswith("unreachable (")
+    assert report["role_source"] == "the mount's .primary file"
+    report = json.loads(status("--dir", mount.path + "-nowhere", "--json", code=1))
+    assert report["mount_problem"].startswith("it does not exist") and report["role"] == "unknown"
+    with FakeLiteFS(is_primary=True).running() as litefs:
+        report = json.loads(status("--dir", mount.path, "--api-url", litefs.url, "--json"))
+    assert (report["role"], report["primary"], report["api"]["info"]["clusterID"]) == ("primary", None, "LFSC1")
+
+
+def test_a_mistyped_variable_is_exit_2_naming_it(mount):
+    mount.make_primary()
+    proc = subprocess.run(
+        [sys.executable, "-m", "litefs_wsgi.cli", "status", "--dir", mount.path],
+        cwd=ROOT,
+        env={**os.environ, "LITEFS_PROXY_POLL_TIMOUT": "2s"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "litefs-wsgi: unknown environment variable LITEFS_PROXY_POLL_TIMOUT" in proc.stderr
+    assert "did you mean LITEFS_PROXY_POLL_TIMEOUT?" in proc.stderr
