@@ -165,6 +165,17 @@ def _api_url(value: Any, name: str) -> str | None:
     return _url(text, name, given=given)
 
 
+def _metrics_path(value: Any, name: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _str(value, name)
+    if not text.startswith("/") or any(c in text for c in "*?# "):
+        raise ConfigError(f"{name}: expected a plain URL path such as '/litefs/metrics', got {text!r}")
+    if text == "/litefs/health":
+        raise ConfigError(f"{name}: {text!r} is the health check's path; use e.g. '/litefs/metrics'")
+    return text
+
+
 def _default_mount_dir() -> str:
     return os.environ.get("LITEFS_DIR") or "/litefs"
 
@@ -231,6 +242,9 @@ class Config:
         check=_bool,
         doc="without LiteFS's mount (no .lag), never act as the primary: writes and health answer 503; "
         "default: on when FLY_APP_NAME is set",
+    )
+    metrics_path: str | None = _field(
+        None, check=_metrics_path, doc="where the standalone proxy serves Prometheus metrics, e.g. /litefs/metrics"
     )
 
     def __post_init__(self) -> None:

@@ -57,6 +57,10 @@ class Forwarder:
         self._pools = urllib3.PoolManager(
             num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=BLOCK
         )
+        # Told of each failed forward: (a cause of FORWARD_CAUSES, whether it went to the
+        # primary rather than the standalone proxy's target). LiteFSMiddleware sets it to
+        # its metrics recorder.
+        self.on_failure: Callable[[str, bool], None] = _ignore
 
     def close(self) -> None:
         self._pools.clear()
@@ -82,20 +86,25 @@ class Forwarder:
             pool = self._pools.connection_from_url(base_url)
             response = self._send(pool, method, target, body, headers, chunked)
         except ClientDisconnected:
+            self.on_failure("client", mark)
             log.info("client went away while its request body was being forwarded to %s", base_url)
             return error(start_response, 400, "Proxy error: client disconnected")
         except ReadTimeoutError:
+            self.on_failure("timeout", mark)
             return error(
                 start_response, 504, f"Proxy error: no answer from {base.netloc} within {self.read_timeout:g}s"
             )
         except HTTPError as exc:
+            self.on_failure(failure_cause(exc), mark)
             return error(start_response, 502, f"Proxy error: {describe(exc, base.netloc)}")
         except urllib3.exceptions.LocationParseError as exc:
+            self.on_failure("url", mark)
             return error(start_response, 502, f"Proxy error: cannot forward to {base_url!r}: {exc}")
         except ValueError as exc:
             # http.client refuses to write a method or header name that is not a token, or a
             # value with a line break: it checks before sending a byte. Gunicorn never lets
             # one through, other servers may; forwarding it could only be read two ways.
+            self.on_failure("invalid", mark)
             log.info("refusing to forward %r to %s: %s", method, base_url, exc)
             return error(start_response, 400, "Proxy error: request has an invalid method or header")
         try:
@@ -103,6 +112,7 @@ class Forwarder:
         except ValueError as exc:
             response.close()
             response.release_conn()
+            self.on_failure("protocol", mark)
             log.warning("%s: %s", base.netloc, exc)
             return error(start_response, 502, f"Proxy error: {base.netloc} sent an invalid response header")
         start_response(status_of(response), headers)
@@ -162,6 +172,16 @@ def describe(exc: Exception, netloc: str) -> str:
     if isinstance(exc, OSError):
         return f"cannot connect to {netloc} ({exc})"
     return f"{netloc} closed the connection or sent a bad response ({type(exc).__name__})"
+
+
+def failure_cause(exc: Exception) -> str:
+    """``describe`` in one word, for metrics: ``connect`` (no connection was made) or ``protocol``."""
+    connecting = (NewConnectionError, urllib3.exceptions.ConnectTimeoutError, TimeoutError, OSError)
+    return "connect" if refused(exc) or isinstance(exc, connecting) else "protocol"
+
+
+def _ignore(cause: str, to_primary: bool) -> None:
+    return None
 
 
 def request_target(environ: dict) -> str:

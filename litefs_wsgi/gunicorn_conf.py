@@ -5,15 +5,28 @@ The proxy's own options come from the litefs.yml-style file in ``LITEFS_WSGI_CON
 ``LITEFS_PROXY_*`` variables; they are checked here, before any worker starts.
 """
 
+import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 from litefs_wsgi.config import Config, ConfigError
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None  # found, not imported
+    except ValueError:  # sys.modules holds None for it: blocked
+        return False
+
 
 try:
     _config = Config.load()
     if not _config.target:
         raise ConfigError("target: set proxy.target in the config file, or LITEFS_PROXY_TARGET=localhost:8081")
+    if _config.metrics_path and not _installed("prometheus_client"):
+        raise ConfigError("metrics_path: serving metrics needs prometheus_client: pip install 'litefs-wsgi[metrics]'")
 except ConfigError as exc:
     print(f"litefs-wsgi: {exc}", file=sys.stderr)
     sys.exit(2)  # as the litefs-wsgi command does for a bad option
@@ -45,6 +58,18 @@ errorlog = "-"
 loglevel = "debug" if _config.debug else "info"
 
 
+# Metrics at proxy.metrics-path add up over the workers with prometheus_client's multiprocess
+# mode: each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which must be set
+# before a worker imports prometheus_client, so here, in the master. Unless you set it, a new
+# temporary directory, removed when gunicorn exits (a reload keeps it: counts go on).
+_TEMP_DIR_MARK = "LITEFS_WSGI_METRICS_TEMP_DIR"
+if _config.metrics_path:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="litefs-wsgi-metrics-")
+        os.environ[_TEMP_DIR_MARK] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
 def post_fork(server, worker):
     # Size each worker's connection pool to its threads, before the app is built.
     os.environ["LITEFS_WSGI_POOL_SIZE"] = str(worker.cfg.threads)
@@ -54,6 +79,25 @@ def worker_exit(server, worker):
     # Close pooled connections to the target and the primary.
     from litefs_wsgi import proxy
 
-    if proxy._application is not None:
-        proxy._application.forwarder.close()
-        proxy._application.watcher.close()
+    app = proxy._application
+    if isinstance(app, proxy.MetricsPath):
+        app = app.app
+    if app is not None:
+        app.forwarder.close()
+        app.watcher.close()
+
+
+def child_exit(server, worker):
+    # A worker gone waits no more: its share of the "waiting now" gauge goes with it. Its
+    # counters stay, so totals survive a restarted worker.
+    if _config.metrics_path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    # Remove the metrics directory made above (only that one, never one you gave).
+    made = os.environ.get(_TEMP_DIR_MARK)
+    if made and made == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(made, ignore_errors=True)

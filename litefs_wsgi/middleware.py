@@ -13,7 +13,7 @@ from typing import Any
 
 from werkzeug.exceptions import HTTPException
 
-from . import errors
+from . import errors, metrics
 from .config import Config
 from .cookie import TxidCookie
 from .forwarding import HOP_ENVIRON_KEY, Forwarder
@@ -138,6 +138,10 @@ class LiteFSMiddleware:
         set_default_watcher(self.watcher)
         self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)
         self.forwarder = forwarder or Forwarder(config.connect_timeout, config.read_timeout)
+        # Each request is counted once, at its decision (README: Metrics); a no-op without
+        # prometheus_client.
+        self._metrics = metrics.recorder(self.watcher)
+        self.forwarder.on_failure = self._metrics.forward_failed
         self._passthrough = compile_patterns(config.passthrough)
         self._always_forward = compile_patterns(config.always_forward)
         self._far_ahead_logged = -FAR_AHEAD_LOG_EVERY
@@ -172,8 +176,10 @@ class LiteFSMiddleware:
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
+            self._metrics.passthrough()
             return self.app(environ, start_response)
         if method == "GET" and path == HEALTH_PATH:
+            self._metrics.health()
             return self._health(start_response)
         if method not in ("GET", "HEAD") or (self._always_forward is not None and self._always_forward.fullmatch(path)):
             return self._write(environ, start_response, method, path, replayed)
@@ -198,11 +204,14 @@ class LiteFSMiddleware:
 
     def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         targets = self.cookie.read(environ)
-        if targets:
+        served = self._metrics.read
+        if targets and not self.watcher.reached(targets):  # checked here to count waits apart
+            served, started = self._metrics.waited, self._metrics.wait_started()
             try:
                 alive = client_alive(environ)
                 reached = self.watcher.wait(targets, self.config.poll_timeout, alive, self.config.max_waiters)
             except TooManyWaiters:
+                self._metrics.wait_refused(started)
                 self._debug("refused, too many waiting", method, path)
                 return errors.error(
                     start_response,
@@ -210,11 +219,14 @@ class LiteFSMiddleware:
                     "Proxy error: too many requests waiting for replication",
                     [("Retry-After", "1")],
                 )
+            self._metrics.wait_ended(started)
             if not reached and alive is not None and not alive():
                 # Nobody will read the answer: free the thread now, call nothing.
+                self._metrics.timeout()
                 log.info("client went away while %s %s waited for replication", method, path)
                 return errors.error(start_response, 504, errors.TIMEOUT)
             if not reached:
+                self._metrics.timeout()
                 self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)
                 return errors.error(start_response, 504, errors.TIMEOUT)
@@ -222,8 +234,9 @@ class LiteFSMiddleware:
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
+            self._metrics.write_primary()
             return self._serve_write(environ, start_response)
-        return self._serve_read(environ, start_response, method, path, replayed)
+        return self._serve_read(environ, start_response, method, path, replayed, served)
 
     def _log_timeout(self, targets: dict[str, int]) -> None:
         for db, target in targets.items():
@@ -243,14 +256,18 @@ class LiteFSMiddleware:
             else:
                 log.info("read timed out waiting for %s to reach TXID %d (at %d)", db, target, txid)
 
-    def _serve_read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
-        """Call the app; a view that raises ReplayOnPrimary gets its request sent to the primary."""
+    def _serve_read(self, environ, start_response, method, path, replayed, served) -> Iterable[bytes]:
+        """Call the app; a view that raises ReplayOnPrimary gets its request sent to the primary.
+        ``served`` counts the read once the app answers it here: a replayed one is counted
+        by where it goes instead."""
         replay: list[bool] = []
 
         def intercept(status, headers, exc_info=None):
             if any(name == REPLAY_HEADER for name, _ in headers):
                 replay.append(True)
                 return lambda data: None
+            if exc_info is None:  # a second call, for an error mid-answer, carries exc_info
+                served()
             return start_response(status, headers, exc_info)
 
         result = self.app(environ, intercept)
@@ -263,6 +280,7 @@ class LiteFSMiddleware:
             # A view that asks on the primary would ask again if called again: a bug in the
             # app (or a failover between its check and ours), said plainly rather than looped.
             log.error("ReplayOnPrimary raised on the primary for %s %s", method, path)
+            self._metrics.error()
             return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
         self._debug("replayed on the primary by the app", method, path)
         return self._write(environ, start_response, method, path, replayed)
@@ -270,6 +288,7 @@ class LiteFSMiddleware:
     def _write(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         if self.config.require_mount and self.watcher.mount_problem() is not None:
             self._refuse_unmounted(method, path)
+            self._metrics.no_primary()
             return errors.error(start_response, 503, self._not_mounted)
         is_primary, primary = self.watcher.role()
         if not is_primary and (primary is None or replayed):
@@ -281,22 +300,26 @@ class LiteFSMiddleware:
             )
             if not is_primary and (primary is None or replayed):
                 self._debug("no primary", method, path, "(already forwarded once)" if replayed else "")
+                self._metrics.no_primary()
                 if replayed:
                     self._log_misrouted(environ, method, path, primary)
                     return errors.error(start_response, 503, errors.NOT_PRIMARY)
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
             self._debug("write on the primary", method, path)
+            self._metrics.write_primary()
             if method in ("GET", "HEAD") and not replayed:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
                 return self.app(environ, start_response)
             return self._serve_write(environ, start_response)
         if self.config.forward == "fly-replay" and _replayable(environ):
             self._debug("fly-replay", method, path, primary)
+            self._metrics.fly_replay()
             start_response("200 OK", [("fly-replay", f"instance={primary}"), ("Content-Length", "0")])
             return [b""]
         url = self.config.primary_url.format(hostname=primary, port=local_port(environ))
         self._debug("forward", method, path, url)
+        self._metrics.forward()
         return self.forwarder.forward(environ, start_response, url, mark=True)
 
     def _refuse_unmounted(self, method: str, path: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from . import metrics
 from .config import Config, ConfigError
 from .forwarding import Forwarder
 from .middleware import LiteFSMiddleware
@@ -30,9 +31,42 @@ class TargetApp:
         return self.forwarder.forward(environ, start_response, self.target)
 
 
-def make_application(config: Config | None = None, pool_size: int | None = None) -> LiteFSMiddleware:
+class MetricsPath:
+    """Answers ``GET path`` with the Prometheus metrics; every other request goes on to ``app``.
+
+    Under gunicorn's workers (``PROMETHEUS_MULTIPROC_DIR`` set, as gunicorn_conf does) they are
+    every worker's, added up from prometheus_client's multiprocess files; else this process's
+    default registry. The node's lag and role are read at each scrape. Scrapes are not counted
+    as requests.
+    """
+
+    def __init__(self, app: LiteFSMiddleware, path: str) -> None:
+        try:
+            import prometheus_client
+            from prometheus_client import multiprocess
+        except ImportError:
+            raise ConfigError(
+                "metrics_path: serving metrics needs prometheus_client: pip install 'litefs-wsgi[metrics]'"
+            ) from None
+        self.app = app
+        self.path = path
+        registry = prometheus_client.REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = prometheus_client.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(metrics.node_collector())
+        self.metrics = prometheus_client.make_wsgi_app(registry)
+
+    def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == self.path and environ.get("REQUEST_METHOD") == "GET":
+            return self.metrics(environ, start_response)
+        return self.app(environ, start_response)
+
+
+def make_application(config: Config | None = None, pool_size: int | None = None) -> LiteFSMiddleware | MetricsPath:
     """Build the proxy; ``pool_size`` defaults to ``LITEFS_WSGI_POOL_SIZE`` (set by
-    gunicorn.conf.py to the worker's thread count), else 10."""
+    gunicorn.conf.py to the worker's thread count), else 10. With ``metrics_path``, the
+    middleware sits behind MetricsPath."""
     config = config if config is not None else Config.load()
     if not config.target:
         raise ConfigError(
@@ -42,12 +76,13 @@ def make_application(config: Config | None = None, pool_size: int | None = None)
     if pool_size is None:
         pool_size = int(os.environ.get("LITEFS_WSGI_POOL_SIZE") or 10)
     forwarder = Forwarder(config.connect_timeout, config.read_timeout, pool_size)
-    return LiteFSMiddleware(
+    middleware = LiteFSMiddleware(
         TargetApp(config.target, forwarder, config.websocket_idle_timeout), config, forwarder=forwarder
     )
+    return MetricsPath(middleware, config.metrics_path) if config.metrics_path else middleware
 
 
-_application: LiteFSMiddleware | None = None
+_application: LiteFSMiddleware | MetricsPath | None = None
 
 
 def __getattr__(name: str):

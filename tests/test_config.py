@@ -52,6 +52,7 @@ def test_defaults_are_litefs_defaults():
     assert config.api_url is None
     assert config.max_waiters == 0
     assert config.require_mount is False
+    assert config.metrics_path is None
 
 
 def test_every_option_is_tested_above():
@@ -61,6 +62,7 @@ def test_every_option_is_tested_above():
         "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
         "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
         "primary_url", "cookie_secret", "api_url", "max_waiters", "require_mount",
+        "metrics_path",
     }  # fmt: skip
 
 
@@ -176,6 +178,9 @@ def test_poll_interval_zero_is_an_error():
         ({"passthrough": [1]}, "passthrough"),
         ({"always_forward": 5}, "always_forward"),
         ({"cookie_secret": 5}, "cookie_secret"),
+        ({"metrics_path": "metrics"}, "metrics_path"),
+        ({"metrics_path": "/metrics/*"}, "metrics_path"),
+        ({"metrics_path": "/litefs/health"}, "metrics_path"),
     ],
 )
 def test_bad_values_are_errors_naming_the_option(options, name):
