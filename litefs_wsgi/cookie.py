@@ -2,31 +2,58 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
-from werkzeug.http import http_date, parse_cookie
+from werkzeug.http import http_date
 
 from .txid import format_txid, parse_txid
 
 COOKIE_NAME = "__txid"
 _SIG_LEN = 32  # hex digits of HMAC-SHA256 kept: 128 bits
+_PARSED_MAX = 4096  # distinct Cookie headers remembered per middleware
+_UNUSABLE: tuple[None, None] = (None, None)
+
+# Each ";"-separated part whose name, trimmed, is __txid: Go's readCookies splits on ";"
+# without regard to quotes and trims spaces and tabs around the part and the name.
+_TXID_PART = re.compile(r"(?:^|;)[ \t]*__txid[ \t]*(?:=([^;]*)|(?=;|$))")
+# Go's validCookieValueByte: printable ASCII and space, but no '"', ';' or '\\'.
+_VALID_VALUE = re.compile(r'[\x20-\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*')
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(second: int) -> str:
+    # The expiry changes once a second: format it once a second, not once a write.
+    return http_date(second)
 
 
 def _sign(secret: bytes, payload: str) -> str:
     return hmac.new(secret, payload.encode("ascii"), hashlib.sha256).hexdigest()[:_SIG_LEN]
 
 
-def _parse(environ: Mapping):
-    try:
-        return parse_cookie(environ)
-    except UnicodeError:
-        # werkzeug raises on a header that is not UTF-8; Go skips only the bad bytes' cookie,
-        # so a read must neither fail nor lose its __txid over another cookie's stray bytes.
-        raw = environ.get("HTTP_COOKIE", "").encode("latin-1", "replace")
-        return parse_cookie(raw.decode("utf-8", "replace").encode("utf-8").decode("latin-1"))
+def cookie_value(header: str | None) -> str | None:
+    """The ``__txid`` cookie's value in a ``Cookie`` header, as Go's ``Request.Cookie`` finds
+    it: the first part so named whose value is valid, surrounding double quotes removed.
+
+    werkzeug's ``parse_cookie`` is not used: it honours quotes around ``;``, trims values and
+    raises on bytes that are not UTF-8, so its answer is not always Go's, and parsing every
+    cookie costs more than the rest of a read. WSGI gives the header as latin-1 text, one
+    character per byte, so the byte checks are Go's.
+    """
+    if not header or COOKIE_NAME not in header:
+        return None
+    for match in _TXID_PART.finditer(header):
+        value = (match[1] or "").rstrip(" \t")
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if _VALID_VALUE.fullmatch(value):
+            return value
+    return None
 
 
 class TxidCookie:
@@ -42,26 +69,53 @@ class TxidCookie:
         self.dbs = tuple(dbs)
         self.expiry = expiry
         self.secret = secret.encode("utf-8") if secret else None
+        self._parsed: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}
 
-    def read(self, environ: Mapping) -> dict[str, int] | None:
-        """The TXIDs the client must see, by database; None when there is no usable cookie
-        or every TXID in it is zero (nothing to wait for)."""
-        value = _parse(environ).get(COOKIE_NAME)
-        if not value:
+    def read(self, environ: Mapping) -> Mapping[str, int] | None:
+        """The TXIDs the client's ``__txid`` cookie asks for, by database (a read-only
+        mapping); None when there is no usable cookie or every TXID in it is zero (nothing to
+        wait for)."""
+        header = environ.get("HTTP_COOKIE")
+        if not header or COOKIE_NAME not in header:
             return None
+        # A client sends the same header again and again for the cookie's life: parse (and
+        # check the signature of) each distinct header once, then only the expiry.
+        parsed = self._parsed.get(header)
+        if parsed is None:
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()  # bounded: distinct headers from many clients, or forged ones
+            parsed = self._parsed[header] = self._parse(cookie_value(header))
+        targets, expires = parsed
+        if expires is not None and expires < time.time():
+            return None
+        return targets
+
+    def parse(self, value: str | None) -> Mapping[str, int] | None:
+        """The TXIDs a ``__txid`` value asks for, checked as ``read`` checks the cookie's."""
+        targets, expires = self._parse(value)
+        if expires is not None and expires < time.time():
+            return None
+        return targets
+
+    def _parse(self, value: str | None) -> tuple[Mapping[str, int] | None, int | None]:
+        """(the TXIDs by database, the signature's expiry); (None, None) when unusable."""
+        if not value:
+            return _UNUSABLE
+        expires = None
         if self.secret is not None:
-            value = self._verify(value)
-            if value is None:
-                return None
+            verified = self._verify(value)
+            if verified is None:
+                return _UNUSABLE
+            value, expires = verified
         parts = value.split("-")
         if len(parts) != len(self.dbs):
-            return None
+            return _UNUSABLE
         txids = [parse_txid(part) for part in parts]
         if None in txids or not any(txids):
-            return None
-        return dict(zip(self.dbs, txids))
+            return _UNUSABLE
+        return MappingProxyType(dict(zip(self.dbs, txids))), expires
 
-    def _verify(self, value: str) -> str | None:
+    def _verify(self, value: str) -> tuple[str, int] | None:
         payload, _, signature = value.rpartition(".")
         txids, _, expires = payload.rpartition(".")
         # payload must be ASCII to be signed: a cookie is latin-1 text, and "é.1.x" once raised here.
@@ -70,20 +124,18 @@ class TxidCookie:
         if not hmac.compare_digest(signature.encode("ascii", "replace"), _sign(self.secret, payload).encode()):
             return None
         try:
-            if int(expires, 16) < time.time():
-                return None
+            return txids, int(expires, 16)
         except ValueError:
             return None
-        return txids
 
     def header(self, txids: Mapping[str, int], secure: bool) -> str:
         """The ``Set-Cookie`` value for the positions ``txids`` (one per database)."""
-        value = "-".join(format_txid(txids[db]) for db in self.dbs)
+        value = "-".join([format_txid(txids[db]) for db in self.dbs])
         expires = time.time() + self.expiry
         if self.secret is not None:
             payload = f"{value}.{int(expires):x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
         # Go's http.Cookie order, as LiteFS writes it; then our Secure and SameSite.
-        return f"{COOKIE_NAME}={value}; Path=/; Expires={http_date(expires)}; HttpOnly" + (
+        return f"{COOKIE_NAME}={value}; Path=/; Expires={_http_date(int(expires))}; HttpOnly" + (
             "; Secure; SameSite=Lax" if secure else "; SameSite=Lax"
         )

@@ -65,7 +65,12 @@ def local_port(environ: dict) -> str:
 def request_path(environ: dict) -> str:
     """The path as LiteFS matches it (Go's URL.Path): decoded, and UTF-8 rather than WSGI's
     latin-1 text, so that a pattern such as ``/café/*`` matches."""
-    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    path = environ.get("PATH_INFO", "")
+    script_name = environ.get("SCRIPT_NAME")
+    if script_name:
+        path = script_name + path
+    if path.isascii():
+        return path
     try:
         return path.encode("latin-1").decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
@@ -205,7 +210,7 @@ class LiteFSMiddleware:
     def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         targets = self.cookie.read(environ)
         served = self._metrics.read
-        if targets and not self.watcher.reached(targets):  # checked here to count waits apart
+        if targets and not self.watcher.reached(targets):  # seen, or one read: counts waits apart
             served, started = self._metrics.waited, self._metrics.wait_started()
             try:
                 alive = client_alive(environ)
@@ -230,7 +235,8 @@ class LiteFSMiddleware:
                 self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)
                 return errors.error(start_response, 504, errors.TIMEOUT)
-        self._debug("read", method, path, targets or "")
+        if self.config.debug:
+            self._debug("read", method, path, targets or "")
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
@@ -263,7 +269,8 @@ class LiteFSMiddleware:
         replay: list[bool] = []
 
         def intercept(status, headers, exc_info=None):
-            if any(name == REPLAY_HEADER for name, _ in headers):
+            # ReplayOnPrimary is a 503: other answers need no look at their headers.
+            if status.startswith("503") and any(name == REPLAY_HEADER for name, _ in headers):
                 replay.append(True)
                 return lambda data: None
             if exc_info is None:  # a second call, for an error mid-answer, carries exc_info
@@ -392,12 +399,10 @@ class LiteFSMiddleware:
             txids = {db: self.watcher.txid(db) for db in self.config.db}
             if None in txids.values():
                 self._note_no_position(txids)
-            if any(txid is not None for txid in txids.values()):
-                headers = [
-                    *headers,
-                    ("Set-Cookie", self.cookie.header({db: txid or 0 for db, txid in txids.items()}, secure)),
-                ]
-            return start_response(status, headers, exc_info)
+                if all(txid is None for txid in txids.values()):
+                    return start_response(status, headers, exc_info)  # no database yet: no cookie
+                txids = {db: txid or 0 for db, txid in txids.items()}
+            return start_response(status, [*headers, ("Set-Cookie", self.cookie.header(txids, secure))], exc_info)
 
         return self.app(environ, add_cookie)
 

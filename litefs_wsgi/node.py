@@ -81,10 +81,13 @@ def database_files(mount_dir: str, limit: int = 20) -> list[str]:
 def _read(path: str) -> bytes | None:
     """Return a control file's bytes, or None when it is absent; other errors raise OSError."""
     try:
-        with open(path, "rb") as f:
-            return f.read(_MAX_CONTROL_FILE)
+        fd = os.open(path, os.O_RDONLY)  # not open(): a buffered file object costs more than the read
     except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        return os.read(fd, _MAX_CONTROL_FILE)
+    finally:
+        os.close(fd)
 
 
 class Node:
@@ -93,6 +96,7 @@ class Node:
     def __init__(self, mount_dir: str) -> None:
         self.mount_dir = mount_dir
         self._reported: dict[str, object] = {}
+        self._pos_paths: dict[str, str] = {}
 
     def _report(self, level: int, name: str, problem: object, message: str, *args: object) -> None:
         """Log a bad control file once per distinct problem, not on every read."""
@@ -102,8 +106,11 @@ class Node:
 
     def pos(self, db: str) -> Pos | None:
         """The database's position; None when it does not exist yet or cannot be read."""
+        path = self._pos_paths.get(db)
+        if path is None:
+            path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
         try:
-            data = _read(os.path.join(self.mount_dir, db + "-pos"))
+            data = _read(path)
         except OSError as exc:  # a directory, no permission, the mount going away
             self._report(logging.WARNING, db, str(exc), "cannot read the position of %s: %s", db, exc)
             return None

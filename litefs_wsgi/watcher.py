@@ -20,8 +20,13 @@ EVENT_FALLBACK_INTERVAL = 0.05
 # How often a waiting read asks whether its client is still there (``alive`` in wait).
 ALIVE_CHECK_INTERVAL = 0.05
 
-# With require_mount, how long the answer to "is LiteFS mounted?" is kept before asking again.
-MOUNT_CHECK_INTERVAL = 0.1
+# How long a position or role read from the mount's files is trusted. Between restores a
+# position only grows, so a TXID read at or above a cookie's satisfies it without another
+# read; a restore (a position going backwards) and a change of role (``.primary`` appearing,
+# changing or going) are therefore noticed within this bound. With the event stream up,
+# positions and the role are in memory and noticed as the events arrive. With
+# require_mount, the answer to "is LiteFS mounted?" is kept as long.
+STATE_TTL = 0.1
 
 
 class TooManyWaiters(Exception):
@@ -55,11 +60,15 @@ class Watcher:
         self._waiters: list[_Waiter] = []
         self._thread: threading.Thread | None = None
         self._changed = False
+        self.clock: Callable[[], float] = time.monotonic
+        # db -> (TXID, when it was read) and (role, when it was read): see STATE_TTL.
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
         self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
         # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
         self.require_mount = False
-        self._mount_checked = -MOUNT_CHECK_INTERVAL
+        self._mount_checked = float("-inf")
         self._mount_problem: str | None = None
 
     def _after_fork(self) -> None:
@@ -68,6 +77,7 @@ class Watcher:
         self._cond = threading.Condition()
         self._waiters = []
         self._thread = None
+        self.forget()
         if self.api_url:
             self.events = EventStream(self.api_url, self._on_event)
 
@@ -78,9 +88,12 @@ class Watcher:
     # -- state -------------------------------------------------------------------------
 
     def txid(self, db: str) -> int | None:
-        """The database's TXID, or None when it does not exist (or cannot be read)."""
+        """The database's TXID now (the file is read), or None when it does not exist (or
+        cannot be read)."""
         pos = self.node.pos(db)
         txid = pos.txid if pos is not None else None
+        if txid is not None:
+            self._seen[db] = (txid, self.clock())
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
@@ -90,27 +103,51 @@ class Watcher:
 
     def mount_problem(self) -> str | None:
         """Why the mount is not LiteFS's (see ``node.mount_problem``), or None; looked at
-        again at most every MOUNT_CHECK_INTERVAL, so that asking costs no syscall per request."""
-        now = time.monotonic()
-        if now - self._mount_checked >= MOUNT_CHECK_INTERVAL:
+        again at most every STATE_TTL, so that asking costs no syscall per request."""
+        now = self.clock()
+        if now - self._mount_checked >= STATE_TTL:
             self._mount_problem = mount_problem(self.node.mount_dir)
             self._mount_checked = now
         return self._mount_problem
 
-    def role(self) -> tuple[bool, str | None]:
-        """(this node is the primary, the primary's hostname when it is another node)."""
+    def role(self, fresh: bool = False) -> tuple[bool, str | None]:
+        """(this node is the primary, the primary's hostname when it is another node), as
+        read at most STATE_TTL ago, or now when ``fresh``."""
         if self.require_mount and self.mount_problem() is not None:
             return False, None  # not LiteFS's mount: whatever the files say, never the primary
         events = self.events
         if events is not None and events.connected:
             return events.is_primary, (None if events.is_primary else events.hostname)
-        return self.node.role()
+        role, read_at = self._role
+        now = self.clock()
+        if fresh or now - read_at > STATE_TTL:
+            role = self.node.role()
+            self._role = (role, now)
+        return role
+
+    def forget(self) -> None:
+        """Read the files again on the next request, whatever STATE_TTL says."""
+        self._seen = {}
+        self._role = (self._role[0], float("-inf"))
+        self._mount_checked = float("-inf")
 
     # -- waiting -----------------------------------------------------------------------
 
     def reached(self, targets: Mapping[str, int]) -> bool:
         """True when every database has reached its TXID (or does not exist: nothing to wait for)."""
-        return all(self._reached(db, self.txid(db), target) for db, target in targets.items())
+        return self.seen(targets) or all(self._reached(db, self.txid(db), target) for db, target in targets.items())
+
+    def seen(self, targets: Mapping[str, int]) -> bool:
+        """True when every TXID in ``targets`` is already known to be reached, without a read:
+        a position read less than STATE_TTL ago, or a tx event, at or above it."""
+        now = self.clock()
+        for db, target in targets.items():
+            seen = self._seen.get(db)
+            if seen is None or seen[0] < target or now - seen[1] > STATE_TTL:
+                events = self.events
+                if events is None or not events.connected or events.txids.get(db, -1) < target:
+                    return False
+        return True
 
     def _reached(self, db: str, txid: int | None, target: int) -> bool:
         if txid is None:
@@ -167,7 +204,7 @@ class Watcher:
         election) or, with ``need_primary``, until this node is the primary."""
         deadline = time.monotonic() + timeout
         while True:
-            is_primary, hostname = self.role()
+            is_primary, hostname = self.role(fresh=True)
             remaining = deadline - time.monotonic()
             if is_primary or (hostname is not None and not need_primary) or remaining <= 0:
                 return is_primary, hostname

@@ -52,7 +52,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
 
 @contextlib.contextmanager
 def answers(obj: object, method: str) -> Iterator[collections.Counter]:
-    """Count what ``obj.method`` answers, as ``(*arguments, result)``, while the block runs.
+    """Count what ``obj.method`` answers, as ``(*positional arguments, result)``, while the
+    block runs.
 
     A spy, not a stand-in: the real method still answers. A test waits for the code under
     test to have looked (the watcher read TXID 5 three times, a write was told "no primary"
@@ -62,8 +63,8 @@ def answers(obj: object, method: str) -> Iterator[collections.Counter]:
     lock = threading.Lock()
     real = getattr(obj, method)
 
-    def spy(*args):
-        result = real(*args)
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
         with lock:
             counts[(*args, result)] += 1
         return result

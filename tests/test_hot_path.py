@@ -1,0 +1,199 @@
+"""The hot path reads no control file whose answer is known, and gives nothing up for it.
+
+Positions and the role are trusted for STATE_TTL after a read (a position only grows between
+restores). These tests move the watcher's clock instead of sleeping: what they show is the
+bound itself, whatever the machine's load.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from servers import answers
+from werkzeug.test import Client
+
+from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi.cookie import cookie_value
+from litefs_wsgi.watcher import STATE_TTL
+
+
+class Clock:
+    """The watcher's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()  # not earlier than what the watcher stamped before
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"app"]
+
+
+def setup(mount, wsgi_app=app, **options) -> tuple[Client, LiteFSMiddleware, Clock]:
+    options.setdefault("forward", "fly-replay")
+    middleware = LiteFSMiddleware(wsgi_app, db="app.db", mount_dir=mount.path, **options)
+    clock = middleware.watcher.clock = Clock()
+    return Client(middleware, use_cookies=False), middleware, clock
+
+
+def get(client: Client, txid: int):
+    return client.get("/", headers={"Cookie": f"__txid={txid:016x}"})
+
+
+def test_a_satisfied_cookie_reads_no_file_within_the_bound(replica):
+    replica.set_position("app.db", 10)
+    client, middleware, clock = setup(replica)
+    with answers(middleware.watcher.node, "pos") as reads:
+        assert get(client, 10).status_code == 200
+        for txid in (1, 5, 10, 10, 10):
+            assert get(client, txid).status_code == 200
+        assert sum(reads.values()) == 1  # the first read only
+        clock.advance(STATE_TTL * 1.01)
+        assert get(client, 10).status_code == 200
+        assert sum(reads.values()) == 2  # read again once the bound has passed
+
+
+def test_a_restore_is_noticed_within_the_bound(replica):
+    replica.set_position("app.db", 10)
+    client, _, clock = setup(replica, poll_timeout="20ms")
+    assert get(client, 10).status_code == 200
+    replica.set_position("app.db", 4)  # restored to an earlier position
+    clock.advance(STATE_TTL * 1.01)
+    assert get(client, 10).status_code == 504  # not served before this node has TXID 10 again
+    assert get(client, 4).status_code == 200
+
+
+def test_a_cookie_ahead_of_what_was_seen_reads_the_file_at_once(replica):
+    replica.set_position("app.db", 10)
+    client, _, _ = setup(replica, poll_timeout="5s")
+    assert get(client, 10).status_code == 200
+    replica.set_position("app.db", 11)
+    assert get(client, 11).status_code == 200  # no clock moved: the cached 10 is not trusted for 11
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "local_after"),
+    [
+        (None, "node-b", False),  # .primary appears: this node became a replica
+        ("node-b", None, True),  # .primary goes: this node was promoted
+        ("node-b", "node-c", False),  # .primary changes: another node took over
+    ],
+)
+def test_a_role_change_is_noticed_within_the_bound(tmp_path, before, after, local_after):
+    from litefs_wsgi.testing import LiteFSMount
+
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.set_position("app.db", 3)
+
+    def role(primary):
+        if primary is None:
+            mount.make_primary()
+        else:
+            mount.make_replica(primary)
+
+    def where(response) -> str:
+        return response.headers.get("fly-replay") or response.get_data(as_text=True)
+
+    role(before)
+    client, _, clock = setup(mount)
+    first = where(client.post("/"))
+    assert first == ("app" if before is None else f"instance={before}")
+    role(after)
+    assert where(client.post("/")) == first  # within the bound: what was read STATE_TTL ago
+    clock.advance(STATE_TTL * 1.01)
+    assert where(client.post("/")) == ("app" if local_after else f"instance={after}")
+
+
+def test_the_cookie_of_a_write_is_the_position_after_the_write(mount):
+    mount.set_position("app.db", 5)
+
+    def writes(environ, start_response):
+        if environ["REQUEST_METHOD"] == "POST":
+            mount.set_position("app.db", 6)  # the commit, before the response starts
+        return app(environ, start_response)
+
+    client, _, _ = setup(mount, writes)
+    assert get(client, 5).status_code == 200  # TXID 5 is now known to the watcher
+    response = client.post("/")
+    assert response.headers["Set-Cookie"].startswith("__txid=0000000000000006;")
+
+
+def test_the_first_write_of_a_new_database_gets_no_cookie(mount):
+    client, _, _ = setup(mount)
+    assert "Set-Cookie" not in client.post("/").headers
+
+
+def test_the_expiry_follows_the_clock(mount):
+    mount.set_position("app.db", 1)
+    client, _, _ = setup(mount, cookie_expiry="1h")
+    first = client.post("/").headers["Set-Cookie"]
+    assert re.search(r"Expires=\w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} GMT", first)
+
+
+# -- the Cookie header, read as Go's Request.Cookie reads it --------------------------------
+
+
+def go_cookie(header: str, name: str = "__txid") -> str | None:
+    """Go's net/http readCookies with a filter, then the first cookie: a model to check against."""
+
+    def trim(text: str) -> str:
+        return text.strip(" \t\r\n")
+
+    def valid_byte(c: str) -> bool:
+        return 0x20 <= ord(c) < 0x7F and c not in '";\\'
+
+    line = trim(header)
+    while line:
+        part, _, line = line.partition(";")
+        part = trim(part)
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if trim(key) != name:
+            continue
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if all(valid_byte(c) for c in value):
+            return value
+    return None
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("__txid=000000000000002a", "000000000000002a"),
+        ("a=1; __txid=000000000000002a; b=2", "000000000000002a"),
+        ("a=1;__txid=000000000000002a", "000000000000002a"),
+        ("  __txid  =  000000000000002a  ", "  000000000000002a"),  # Go keeps the value's leading spaces
+        ('__txid="000000000000002a"', "000000000000002a"),
+        ('__txid="00000000000000"2a"', None),  # a quote inside: invalid, and no other
+        ('__txid=bad\\; __txid=000000000000002a', "000000000000002a"),  # the first valid one
+        ("__txid=first; __txid=000000000000002a", "first"),
+        ("x__txid=000000000000002a", None),
+        ("__txidx=000000000000002a", None),
+        ('a="x;__txid=000000000000002a;y"', "000000000000002a"),  # Go splits on ";" inside quotes too
+        ("__txid=00000000000000\xe92a; __txid=0000000000000001", "0000000000000001"),  # a non-ASCII byte
+        ("", None),
+    ],
+)
+def test_cookie_value_is_gos(header, value):
+    assert go_cookie(header) == value
+    assert cookie_value(header) == value
+
+
+_pieces = st.sampled_from(["__txid", "=", ";", " ", "\t", '"', "\\", "0000000000000007", "a", "x", "\xe9", "__txi"])
+
+
+@given(st.lists(_pieces, max_size=14).map("".join))
+def test_cookie_value_is_gos_on_any_header(header):
+    assert cookie_value(header) == go_cookie(header)
