@@ -23,7 +23,7 @@ _UNUSABLE: tuple[None, None] = (None, None)
 # without regard to quotes and trims spaces and tabs around the part and the name.
 _TXID_PART = re.compile(r"(?:^|;)[ \t]*__txid[ \t]*(?:=([^;]*)|(?=;|$))")
 # Go's validCookieValueByte: printable ASCII and space, but no '"', ';' or '\\'.
-_VALID_VALUE = re.compile(r'[\x20-\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*')
+_VALID_VALUE = re.compile(r"[\x20-\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
 @functools.lru_cache(maxsize=4)

@@ -177,7 +177,7 @@ def go_cookie(header: str, name: str = "__txid") -> str | None:
         ("  __txid  =  000000000000002a  ", "  000000000000002a"),  # Go keeps the value's leading spaces
         ('__txid="000000000000002a"', "000000000000002a"),
         ('__txid="00000000000000"2a"', None),  # a quote inside: invalid, and no other
-        ('__txid=bad\\; __txid=000000000000002a', "000000000000002a"),  # the first valid one
+        ("__txid=bad\\; __txid=000000000000002a", "000000000000002a"),  # the first valid one
         ("__txid=first; __txid=000000000000002a", "first"),
         ("x__txid=000000000000002a", None),
         ("__txidx=000000000000002a", None),
