@@ -148,7 +148,8 @@ class NodeCollector:
         if watcher is None:
             return iter(())
         lag = watcher.node.lag()
-        return iter(self._families(math.nan if lag is None else lag / 1000, 1.0 if watcher.role()[0] else 0.0))
+        is_primary = watcher.role(fresh=True)[0]  # a scrape is rare: read the role now
+        return iter(self._families(math.nan if lag is None else lag / 1000, 1.0 if is_primary else 0.0))
 
     def _families(self, lag: float | None = None, primary: float | None = None) -> Iterator:
         lag_family = self._gauge(
