@@ -1,0 +1,142 @@
+"""Against a real LiteFS cluster: the cookie is the primary's position, reads wait for real
+replication, health from the real ``.lag``, positions and the primary from the real ``/events``.
+
+The fixture ``litefs`` (conftest.py) runs two LiteFS nodes on 127.0.0.1 with the app of
+tests/litefs_app.py on each; these tests skip without a litefs binary or FUSE.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+from http.cookies import SimpleCookie
+
+import pytest
+from litefs_cluster import wait_for
+from servers import form_request
+
+from litefs_wsgi.node import Node
+from litefs_wsgi.watcher import Watcher
+
+pytestmark = [pytest.mark.litefs, pytest.mark.timeout(120)]
+
+
+def txid_of(headers) -> int:
+    cookies = SimpleCookie()
+    for value in headers.get_all("Set-Cookie") or []:
+        cookies.load(value)
+    return int(cookies["__txid"].value, 16)
+
+
+def write(url: str, wid: str | None = None) -> tuple[str, int, dict]:
+    """POST a new row through ``url``; (its wid, the TXID of the answer's cookie, the answer's JSON)."""
+    wid = wid or uuid.uuid4().hex
+    status, headers, text = form_request(url, "POST", "/rows", body=f"wid={wid}")
+    assert status == 201, (status, text)
+    return wid, txid_of(headers), json.loads(text)
+
+
+def read(url: str, wid: str, txid: int | None = None) -> tuple[int, str]:
+    cookie = f"__txid={txid:016x}" if txid else None
+    status, _headers, text = form_request(url, "GET", f"/rows/{wid}", cookie=cookie)
+    return status, text
+
+
+def test_the_cookie_of_a_write_is_the_primarys_position(litefs):
+    primary, replica = litefs.primary, litefs.replica
+    for url in (primary.app_url, replica.app_url):  # on the primary; from the replica, forwarded
+        before = primary.pos()
+        _wid, txid, answer = write(url)
+        assert answer["node"] == primary.name  # applied on the primary in both cases
+        assert txid == primary.pos() == before + 1
+
+
+def test_without_litefs_wsgi_a_replica_read_is_stale(litefs):
+    primary, replica = litefs.primary, litefs.replica
+    primary.relay.delay = 1.0  # the replica replicates through it: a second behind
+    for _attempt in range(3):
+        wid, txid, _ = write(primary.app_url)
+        status, text = read(replica.raw_url, wid, txid)  # the bare app: the cookie means nothing
+        if (replica.pos() or 0) < txid:
+            break  # still not replicated after the answer: the read was certainly served before
+    else:
+        pytest.fail("the replica kept up with a 1 s slower link: the machine is too slow for this test")
+    assert status == 404, text
+    assert json.loads(text)["found"] == 0  # stale: the client does not see its own write
+    litefs.wait_replicated(txid)
+    assert read(replica.raw_url, wid)[0] == 200  # it was only late
+
+
+def test_with_litefs_wsgi_a_replica_read_waits_for_real_replication(litefs):
+    primary, replica = litefs.primary, litefs.replica
+    primary.relay.delay = 0.5
+    waited = 0
+    for url in (primary.app_url, replica.app_url, replica.app_url):
+        wid, txid, _ = write(url)
+        waited += (replica.pos() or 0) < txid
+        status, text = read(replica.app_url, wid, txid)
+        assert status == 200, text
+        assert json.loads(text) == {"wid": wid, "found": 1, "written_on": primary.name, "served_by": replica.name}
+    assert waited  # the replica was behind when the read came, at least once: it did wait
+
+
+def test_many_clients_reading_their_writes_on_a_lagging_replica_never_see_stale_data(litefs):
+    primary, replica = litefs.primary, litefs.replica
+    primary.relay.delay = 0.2
+
+    def client(n: int) -> list[int]:
+        statuses = []
+        for _ in range(4):
+            wid, txid, _ = write(replica.app_url if n % 2 else primary.app_url)
+            statuses.append(read(replica.app_url, wid, txid)[0])
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [s for result in pool.map(client, range(8)) for s in result]
+    assert statuses == [200] * 32
+
+
+def test_health_from_the_real_lag(litefs):
+    primary, replica = litefs.primary, litefs.replica
+    assert form_request(primary.app_url, "GET", "/litefs/health")[::2] == (200, "OK\n")
+    wait_for(lambda: (replica.lag() or 0) < 1500, 20, "the replica's .lag under 1.5 s")
+    assert form_request(replica.app_url, "GET", "/litefs/health")[::2] == (200, "OK\n")
+    primary.relay.pause()  # nothing from the primary, not even its heartbeats: .lag grows
+    wait_for(lambda: (replica.lag() or 0) > 3000, 20, "the replica's .lag over 3 s (max_lag 2 s)")
+    assert form_request(replica.app_url, "GET", "/litefs/health")[::2] == (503, "Replication lag exceeded\n")
+    assert form_request(primary.app_url, "GET", "/litefs/health")[::2] == (200, "OK\n")
+    primary.relay.resume()
+    wait_for(lambda: (replica.lag() or 0) < 1500, 20, "the replica's .lag back under 1.5 s")
+    assert form_request(replica.app_url, "GET", "/litefs/health")[::2] == (200, "OK\n")
+
+
+@pytest.fixture
+def watchers(litefs):
+    made = []
+
+    def make(node, api_url):
+        watcher = Watcher(Node(str(node.fuse_dir)), api_url=api_url)
+        made.append(watcher)
+        return watcher
+
+    yield make
+    for watcher in made:
+        watcher.close()
+
+
+def test_positions_and_the_primary_from_the_real_event_stream(litefs, watchers):
+    primary, replica = litefs.primary, litefs.replica
+    on_primary, on_replica = watchers(primary, primary.api_url), watchers(replica, replica.api_url)
+    wait_for(lambda: on_primary.events.connected and on_replica.events.connected, 20, "both event streams")
+    assert on_primary.role() == (True, None)
+    assert on_replica.role() == (False, primary.hostname)  # from the init event, as .primary says
+    assert replica.primary_file() == primary.hostname
+
+    primary.relay.delay = 0.5
+    _wid, txid, _ = write(primary.app_url)
+    wait_for(lambda: on_primary.events.txids.get("app.db") == txid, 20, "the tx event on the primary")
+    assert on_replica.wait({"app.db": txid}, 10)
+    # The replica's own tx event comes once the transaction is applied there: the file shows it.
+    wait_for(lambda: on_replica.events.txids.get("app.db") == txid, 10, "the tx event on the replica")
+    assert replica.pos() >= txid
