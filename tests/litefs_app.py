@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 
 from flask import Flask, jsonify, request
 
@@ -26,6 +27,9 @@ DB = "app.db"
 def create_flask(mount_dir: str, node: str) -> Flask:
     app = Flask(__name__)
     path = os.path.join(mount_dir, DB)
+    # One writer at a time in this process: SQLite's busy handler would make the others sleep
+    # and poll for the lock, for up to a second or two under a few concurrent writers.
+    write_lock = threading.Lock()
 
     def connect(mode: str) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=10)
@@ -35,7 +39,7 @@ def create_flask(mount_dir: str, node: str) -> Flask:
         wid = request.form["wid"]
         db = connect("rw")
         try:
-            with db:
+            with write_lock, db:
                 db.execute("INSERT INTO rows (wid, node) VALUES (?, ?)", (wid, node))
         finally:
             db.close()

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ DB = "app.db"
 NOT_SYNCED_LAG = 2147483647  # a replica's .lag until its first sync
 # The test app's rows; no unique key on wid, so that a write applied twice shows as two rows.
 SCHEMA = """
+PRAGMA journal_mode = WAL;
 CREATE TABLE IF NOT EXISTS rows (wid TEXT NOT NULL, node TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS rows_wid ON rows (wid);
 """
@@ -165,13 +167,6 @@ class Relay:
         for thread in list(self._threads):
             thread.join(2)
 
-    def drop(self) -> None:
-        """Cut every open connection (new ones are still accepted)."""
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
     def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
         with self._lock:
@@ -191,50 +186,63 @@ class Relay:
             except OSError:
                 client.close()
                 continue
+            client.settimeout(None)  # blocking: reads wait in poll(), close() ends a blocked send
+            upstream.settimeout(None)
+            pair = (client, upstream)
+            finished: list[bool] = []
             with self._lock:
-                self._sockets.update((client, upstream))
+                self._sockets.update(pair)
             for src, dst in ((client, upstream), (upstream, client)):
                 chunks: queue.Queue = queue.Queue()
                 self._spawn(self._read, src, chunks)
-                self._spawn(self._write, dst, chunks)
+                self._spawn(self._write, dst, chunks, pair, finished)
 
     def _read(self, src: socket.socket, chunks: queue.Queue) -> None:
-        src.settimeout(0.2)
+        poller = select.poll()
+        poller.register(src, select.POLLIN)
         while not self._stop.is_set():
             try:
+                if not poller.poll(200):
+                    continue
                 data = src.recv(65536)
-            except socket.timeout:
-                continue
             except OSError:
                 data = b""
             chunks.put((time.monotonic() + self.delay, data))
             if not data:
                 return
 
-    def _write(self, dst: socket.socket, chunks: queue.Queue) -> None:
+    def _write(self, dst: socket.socket, chunks: queue.Queue, pair: tuple, finished: list) -> None:
         try:
             while not self._stop.is_set():
                 try:
                     due, data = chunks.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                while not self._stop.is_set() and (time.monotonic() < due or not self._running.is_set()):
-                    self._running.wait(min(0.05, max(0.0, due - time.monotonic())) or 0.05)
-                    if time.monotonic() >= due and self._running.is_set():
+                while not self._stop.is_set():
+                    if not self._running.is_set():
+                        self._running.wait(0.1)
+                        continue
+                    left = due - time.monotonic()
+                    if left <= 0:
                         break
+                    time.sleep(min(left, 0.1))
                 if self._stop.is_set():
                     return
                 if not data:
-                    dst.shutdown(socket.SHUT_WR)
+                    dst.shutdown(socket.SHUT_WR)  # pass the end on; the other way may still flow
                     return
-                dst.settimeout(5)
                 dst.sendall(data)
-        except OSError:
-            pass
+        except OSError:  # one side is gone: end both ways
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         finally:
             with self._lock:
-                self._sockets.discard(dst)
-            dst.close()
+                finished.append(True)
+                if len(finished) == 2:  # both ways are done
+                    for sock in pair:
+                        self._sockets.discard(sock)
+                        sock.close()
 
 
 # -- LiteFS nodes ---------------------------------------------------------------------------
@@ -474,6 +482,17 @@ class Cluster:
 # -- the app on each node ---------------------------------------------------------------------
 
 
+def _no_control_socket() -> list[str]:
+    # gunicorn 24+ opens a control socket at one path per user: apps killed with SIGKILL, and
+    # several apps at once, must not share (or leave behind) one.
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
+
+
+_NO_CONTROL_SOCKET = _no_control_socket()
+
+
 class NodeApp:
     """``tests/litefs_app.py`` under gunicorn for one node: the bare app on ``raw_port``, the
     app inside LiteFSMiddleware on ``app_port`` (options from ``options``, as LITEFS_PROXY_*)
@@ -513,7 +532,7 @@ class NodeApp:
         binds = [arg for port in ports for arg in ("--bind", f"127.0.0.1:{port}")]
         command = [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread", "-w", "1"]
         command += ["--threads", str(self.threads), "--timeout", "120", "--graceful-timeout", "5"]
-        command += ["--keep-alive", "5", "litefs_app:application"]
+        command += ["--keep-alive", "5", *_NO_CONTROL_SOCKET, "litefs_app:application"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 command, cwd=TESTS, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
