@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from werkzeug.http import is_hop_by_hop_header
+
 
 class ConfigError(ValueError):
     """An option is unknown or has a bad value; the message names it and says how to fix it."""
@@ -176,6 +178,30 @@ def _metrics_path(value: Any, name: str) -> str | None:
     return text
 
 
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^`|~0-9A-Za-z]+")  # RFC 9110's token, less "_" (see below)
+# Headers that already mean something to a client, a server or this project: carrying the TXID
+# in one of them would break it, or be dropped by a hop on the way.
+_TAKEN_HEADERS = {
+    "cookie", "set-cookie", "host", "content-length", "content-type", "date", "server", "location",
+    "fly-replay", "fly-replay-src", "x-litefs-forwarded", "x-litefs-replay", "retry-after",
+}
+
+
+def _header_name(value: Any, name: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _str(value, name)
+    if "_" in text:
+        # gunicorn and nginx drop request headers with "_" in their names (in WSGI's environ
+        # LiteFS_TXID and LiteFS-TXID would be one name): the header would never arrive.
+        raise ConfigError(f"{name}: {text!r} has '_', which servers drop from request headers; use '-' (LiteFS-TXID)")
+    if not _HEADER_TOKEN.fullmatch(text):
+        raise ConfigError(f"{name}: {text!r} is not an HTTP header name; use letters, digits and '-' (LiteFS-TXID)")
+    if is_hop_by_hop_header(text) or text.lower() in _TAKEN_HEADERS:
+        raise ConfigError(f"{name}: {text!r} already has a meaning in HTTP; pick a name of your own (LiteFS-TXID)")
+    return text
+
+
 def _default_mount_dir() -> str:
     return os.environ.get("LITEFS_DIR") or "/litefs"
 
@@ -245,6 +271,12 @@ class Config:
     )
     metrics_path: str | None = _field(
         None, check=_metrics_path, doc="where the standalone proxy serves Prometheus metrics, e.g. /litefs/metrics"
+    )
+    txid_header: str | None = _field(
+        None, check=_header_name, doc="header carrying the __txid value for clients without cookies, e.g. LiteFS-TXID"
+    )
+    replay_on_readonly: bool = _field(
+        True, check=_bool, doc="on a replica, a GET/HEAD failing with SQLite's read-only error runs on the primary"
     )
 
     def __post_init__(self) -> None:

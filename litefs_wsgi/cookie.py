@@ -139,3 +139,9 @@ class TxidCookie:
         return f"{COOKIE_NAME}={value}; Path=/; Expires={_http_date(int(expires))}; HttpOnly" + (
             "; Secure; SameSite=Lax" if secure else "; SameSite=Lax"
         )
+
+
+def value_of(set_cookie: str) -> str:
+    """The cookie's value in a ``Set-Cookie`` header made by ``TxidCookie.header``: the
+    ``txid_header`` carries exactly it (a value never holds ``;``)."""
+    return set_cookie[len(COOKIE_NAME) + 1 : set_cookie.index(";")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary
+from .readonly import should_replay
 
 
 def get_wsgi_application(**options: Any) -> LiteFSMiddleware:
@@ -29,7 +30,10 @@ def get_wsgi_application(**options: Any) -> LiteFSMiddleware:
 
 class ReplayOnPrimaryMiddleware:
     """Django middleware: a view raising ``ReplayOnPrimary`` has its request sent to the
-    primary. Add ``"litefs_wsgi.django.ReplayOnPrimaryMiddleware"`` to ``MIDDLEWARE``."""
+    primary. Add ``"litefs_wsgi.django.ReplayOnPrimaryMiddleware"`` to ``MIDDLEWARE``.
+
+    With ``replay_on_readonly`` (the default), so does a GET or HEAD whose view fails on a
+    replica with SQLite's read-only error (``django.db.utils.OperationalError``)."""
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
@@ -38,7 +42,7 @@ class ReplayOnPrimaryMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request, exception):
-        if isinstance(exception, ReplayOnPrimary):
+        if isinstance(exception, ReplayOnPrimary) or should_replay(request.environ, exception):
             from django.http import HttpResponse
 
             response = HttpResponse(ReplayOnPrimary.description, status=503, content_type="text/plain")

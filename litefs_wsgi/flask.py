@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import sqlite3
 from typing import Any
 
 from .config import Config, ConfigError
-from .middleware import LiteFSMiddleware
+from .middleware import LiteFSMiddleware, ReplayOnPrimary
+from .readonly import should_replay
 
 
 class LiteFS:
@@ -19,6 +22,10 @@ class LiteFS:
 
     Any option is read from ``LITEFS_<OPTION>`` in ``app.config`` (``LITEFS_DIR`` for
     ``mount_dir``); keyword arguments given here win.
+
+    With ``replay_on_readonly`` (the default), a GET or HEAD whose view fails on a replica
+    with SQLite's read-only error (``sqlite3`` or SQLAlchemy's ``OperationalError``) is sent
+    to the primary, as if the view had called ``require_primary()``.
     """
 
     def __init__(self, app=None, **options: Any) -> None:
@@ -33,6 +40,41 @@ class LiteFS:
         self.middleware = LiteFSMiddleware(app.wsgi_app, **options)
         app.wsgi_app = self.middleware
         app.extensions["litefs"] = self
+        if self.middleware.config.replay_on_readonly:
+            replay_on_readonly(app)
+
+
+def _readonly_error_types() -> list[type[BaseException]]:
+    types: list[type[BaseException]] = [sqlite3.OperationalError]
+    if importlib.util.find_spec("sqlalchemy") is not None:  # not imported when not installed
+        from sqlalchemy.exc import OperationalError
+
+        types.append(OperationalError)
+    return types
+
+
+def replay_on_readonly(app) -> None:
+    """Register error handlers on ``app`` that turn SQLite's read-only error, in a GET or HEAD
+    on a replica, into ReplayOnPrimary; any other error goes on as if they were not there.
+
+    An error handler, not a wrapper: it runs before the response has started, and a replayed
+    request is not reported as an error (``got_request_exception`` is not sent).
+    """
+    from flask import request
+
+    def replay_or_not(error: Exception):
+        if should_replay(request.environ, error):
+            return ReplayOnPrimary().get_response(request.environ)
+        # As without this handler: the app's own handler for a base class (Exception), else
+        # Flask's 500 (re-raised here, Flask goes on to handle_exception as it would have).
+        for cls in type(error).__mro__:
+            handler = app.error_handler_spec[None][None].get(cls)
+            if handler is not None and handler is not replay_or_not:
+                return app.ensure_sync(handler)(error)
+        raise error
+
+    for error_type in _readonly_error_types():
+        app.register_error_handler(error_type, replay_or_not)
 
 
 def config_options(config: dict) -> dict[str, Any]:

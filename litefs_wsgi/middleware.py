@@ -15,9 +15,10 @@ from werkzeug.exceptions import HTTPException
 
 from . import errors, metrics
 from .config import Config
-from .cookie import TxidCookie
+from .cookie import TxidCookie, value_of
 from .forwarding import HOP_ENVIRON_KEY, Forwarder
 from .node import database_files, describe_mount_problem, mount_problem
+from .readonly import REPLAY_ENVIRON_KEY
 from .watcher import TooManyWaiters, Watcher, get_watcher, set_default_watcher
 
 log = logging.getLogger("litefs_wsgi")
@@ -153,6 +154,10 @@ class LiteFSMiddleware:
         self._misrouted_logged = self._unmounted_logged = -WARN_EVERY
         self._no_position_logged: set[str] = set()
         self._not_mounted = f"Proxy error: LiteFS is not mounted at {config.mount_dir}"
+        header = config.txid_header
+        # The header's WSGI environ key, as servers name it (LiteFS-TXID: HTTP_LITEFS_TXID).
+        self._txid_key = "HTTP_" + header.upper().replace("-", "_") if header else None
+        self._replay_readonly = config.replay_on_readonly
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -209,6 +214,8 @@ class LiteFSMiddleware:
 
     def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         targets = self.cookie.read(environ)
+        if self._txid_key is not None:
+            targets = self._with_txid_header(environ, targets)
         served = self._metrics.read
         if targets and not self.watcher.reached(targets):  # seen, or one read: counts waits apart
             served, started = self._metrics.waited, self._metrics.wait_started()
@@ -244,6 +251,16 @@ class LiteFSMiddleware:
             return self._serve_write(environ, start_response)
         return self._serve_read(environ, start_response, method, path, replayed, served)
 
+    def _with_txid_header(self, environ: dict, targets: dict[str, int] | None) -> dict[str, int] | None:
+        """The cookie's positions raised to the ``txid_header``'s, database by database."""
+        value = environ.get(self._txid_key)
+        sent = self.cookie.parse(value.strip()) if value else None
+        if not sent:
+            return targets
+        if not targets:
+            return sent
+        return {db: max(txid, sent[db]) for db, txid in targets.items()}
+
     def _log_timeout(self, targets: dict[str, int]) -> None:
         for db, target in targets.items():
             txid = self.watcher.txid(db) or 0
@@ -267,6 +284,10 @@ class LiteFSMiddleware:
         ``served`` counts the read once the app answers it here: a replayed one is counted
         by where it goes instead."""
         replay: list[bool] = []
+        if self._replay_readonly and not replayed:
+            # The Flask extension and Django's middleware may then turn SQLite's read-only
+            # error into ReplayOnPrimary (litefs_wsgi.readonly.should_replay).
+            environ[REPLAY_ENVIRON_KEY] = self.watcher
 
         def intercept(status, headers, exc_info=None):
             # ReplayOnPrimary is a 503: other answers need no look at their headers.
@@ -402,9 +423,18 @@ class LiteFSMiddleware:
                 if all(txid is None for txid in txids.values()):
                     return start_response(status, headers, exc_info)  # no database yet: no cookie
                 txids = {db: txid or 0 for db, txid in txids.items()}
-            return start_response(status, [*headers, ("Set-Cookie", self.cookie.header(txids, secure))], exc_info)
+            cookie = self.cookie.header(txids, secure)
+            if self._txid_key is not None:
+                headers = self._add_txid_header(headers, value_of(cookie))
+            return start_response(status, [*headers, ("Set-Cookie", cookie)], exc_info)
 
         return self.app(environ, add_cookie)
+
+    def _add_txid_header(self, headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:
+        """``headers`` with the ``txid_header`` set to ``value``, replacing the app's own."""
+        name = self.config.txid_header
+        lower = name.lower()
+        return [*(h for h in headers if h[0].lower() != lower), (name, value)]
 
 
 def _replayable(environ: dict) -> bool:
