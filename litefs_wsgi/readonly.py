@@ -21,8 +21,8 @@ REPLAY_ENVIRON_KEY = "litefs_wsgi.replay_watcher"
 
 
 def is_readonly_error(exc: BaseException | None) -> bool:
-    """True when ``exc``, or an error it wraps (``.orig``, ``__cause__``, ``__context__``),
-    is SQLite's read-only error."""
+    """True when ``exc``, or an error it wraps (``.orig``, ``__cause__``, ``__context__``
+    unless suppressed by ``from None``), is SQLite's read-only error."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -32,7 +32,12 @@ def is_readonly_error(exc: BaseException | None) -> bool:
             if name.startswith("SQLITE_READONLY") or READONLY_MESSAGE in str(exc):
                 return True
         orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError: the driver's own error
-        exc = orig if isinstance(orig, BaseException) else exc.__cause__ or exc.__context__
+        if isinstance(orig, BaseException):
+            exc = orig
+        elif exc.__cause__ is not None or exc.__suppress_context__:  # "raise ... from None" hides it
+            exc = exc.__cause__
+        else:
+            exc = exc.__context__
     return False
 
 

@@ -53,6 +53,8 @@ def test_defaults_are_litefs_defaults():
     assert config.max_waiters == 0
     assert config.require_mount is False
     assert config.metrics_path is None
+    assert config.txid_header is None
+    assert config.replay_on_readonly is True
 
 
 def test_every_option_is_tested_above():
@@ -62,7 +64,7 @@ def test_every_option_is_tested_above():
         "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
         "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
         "primary_url", "cookie_secret", "api_url", "max_waiters", "require_mount",
-        "metrics_path",
+        "metrics_path", "txid_header", "replay_on_readonly",
     }  # fmt: skip
 
 
@@ -181,6 +183,9 @@ def test_poll_interval_zero_is_an_error():
         ({"metrics_path": "metrics"}, "metrics_path"),
         ({"metrics_path": "/metrics/*"}, "metrics_path"),
         ({"metrics_path": "/litefs/health"}, "metrics_path"),
+        ({"txid_header": "LiteFS TXID"}, "txid_header"),
+        ({"txid_header": "Cookie"}, "txid_header"),
+        ({"replay_on_readonly": "sometimes"}, "replay_on_readonly"),
     ],
 )
 def test_bad_values_are_errors_naming_the_option(options, name):
@@ -248,6 +253,8 @@ def test_yaml_in_litefs_format(tmp_path):
           forward: http
           primary-url: "http://{hostname}.internal:{port}"
           max-waiters: 50
+          txid-header: LiteFS-TXID
+          replay-on-readonly: false
         """,
     )
     config = Config.from_yaml(path)
@@ -268,6 +275,8 @@ def test_yaml_in_litefs_format(tmp_path):
     assert config.forward == "http"
     assert config.primary_url == "http://{hostname}.internal:{port}"
     assert config.max_waiters == 50
+    assert config.txid_header == "LiteFS-TXID"
+    assert config.replay_on_readonly is False
 
 
 def test_yaml_api_url_wins_over_http_addr(tmp_path):

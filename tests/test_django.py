@@ -129,3 +129,27 @@ def test_a_get_that_must_write_is_replayed_on_the_primary(cluster):
         assert response.status_code == 200 and response.text == "counted\n"
         assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
         assert rows(primary) == ["visit"]
+
+
+def test_a_get_that_writes_on_a_replica_is_replayed_on_the_primary(cluster):
+    """No require_primary(): the view just writes. On the replica, whose database is read-only
+    as under LiteFS, it fails with SQLite's read-only error; ReplayOnPrimaryMiddleware turns
+    that into a replay, forwarded over HTTP; the primary writes and answers with the cookie."""
+    primary, replica = cluster
+    with node(primary) as primary_url:
+        forward = {"TEST_FORWARD": "http", "TEST_PRIMARY_URL": primary_url.replace("127.0.0.1", "{hostname}")}
+        replica.make_replica("127.0.0.1")
+        with node(replica, TEST_READONLY="1", **forward) as replica_url:
+            response = requests.get(replica_url + "/touch", timeout=TIMEOUT)
+            assert (response.status_code, response.text) == (200, "touched\n")
+            assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
+            assert rows(primary) == ["touch"] and rows(replica) == []
+            # A read is not affected: the replica serves it from its read-only database.
+            replica.replicate(primary, "db.sqlite3")
+            assert requests.get(replica_url + "/items", cookies=response.cookies, timeout=TIMEOUT).text == "touch\n"
+
+        with node(replica, TEST_READONLY="1", TEST_REPLAY_ON_READONLY="false", **forward) as replica_url:
+            response = requests.get(replica_url + "/touch", timeout=TIMEOUT)
+            assert response.status_code == 500 and "Server Error (500)" in response.text  # Django's own
+            assert "__txid" not in response.cookies
+    assert rows(primary) == ["touch"]

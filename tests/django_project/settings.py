@@ -9,12 +9,20 @@ ROOT_URLCONF = "django_project.urls"
 INSTALLED_APPS: list[str] = []
 MIDDLEWARE = ["litefs_wsgi.django.ReplayOnPrimaryMiddleware"]
 USE_TZ = True
+_DB = os.path.join(os.environ["LITEFS_DIR"], "db.sqlite3")
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.path.join(os.environ["LITEFS_DIR"], "db.sqlite3"),
+        # TEST_READONLY: opened read-only, as LiteFS serves the database on a replica.
+        "NAME": "file:" + _DB + "?mode=ro" if os.environ.get("TEST_READONLY") else _DB,
         "OPTIONS": {"timeout": 10},
     }
 }
 # The mount comes from LITEFS_DIR, as on a real node.
-LITEFS = {"db": "db.sqlite3", "forward": "fly-replay", "poll_timeout": os.environ.get("TEST_POLL_TIMEOUT", "30s")}
+LITEFS = {
+    "db": "db.sqlite3",
+    "forward": os.environ.get("TEST_FORWARD", "fly-replay"),
+    "poll_timeout": os.environ.get("TEST_POLL_TIMEOUT", "30s"),
+    "primary_url": os.environ.get("TEST_PRIMARY_URL"),
+    "replay_on_readonly": os.environ.get("TEST_REPLAY_ON_READONLY", "true"),
+}

@@ -4,4 +4,9 @@ from django.urls import path
 
 from . import views
 
-urlpatterns = [path("items", views.items), path("fail", views.fail), path("visit", views.visit)]
+urlpatterns = [
+    path("items", views.items),
+    path("fail", views.fail),
+    path("visit", views.visit),
+    path("touch", views.touch),
+]

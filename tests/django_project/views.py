@@ -32,3 +32,11 @@ def visit(request):
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("INSERT INTO items (name) VALUES ('visit')")
     return HttpResponse("counted\n", content_type="text/plain")
+
+
+def touch(request):
+    """A GET that writes without asking (a "last seen" column): on a replica it fails with
+    SQLite's read-only error, and ReplayOnPrimaryMiddleware sends it to the primary."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("INSERT INTO items (name) VALUES ('touch')")
+    return HttpResponse("touched\n", content_type="text/plain")
