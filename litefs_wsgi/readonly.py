@@ -1,11 +1,13 @@
-"""Recognise SQLite's read-only error, which a write raises on a LiteFS replica, for a replay.
+"""Recognise SQLite's refusal to write on a LiteFS replica, so that the request can be replayed.
 
-On a replica LiteFS serves the database read-only: a write fails with
-``sqlite3.OperationalError: attempt to write a readonly database`` (extended code
-``SQLITE_READONLY_DIRECTORY`` on LiteFS 0.5). Frameworks wrap it: SQLAlchemy's
-``OperationalError`` keeps it in ``.orig``, Django's in ``__cause__``. The Flask extension and
-Django's ``ReplayOnPrimaryMiddleware`` then send such a GET to the primary, as if its view had
-called ``require_primary()``.
+On a replica LiteFS refuses writes, and SQLite reports it in one of two ways (seen on LiteFS
+0.5.14): with a rollback journal, ``attempt to write a readonly database``
+(``SQLITE_READONLY_DIRECTORY``; a connection opened with ``?mode=ro`` says the same); in WAL
+mode, where the write goes to the ``-wal`` file first, ``disk I/O error``
+(``SQLITE_IOERR_WRITE``). Frameworks wrap the error: SQLAlchemy's ``OperationalError`` keeps it
+in ``.orig``, Django's in ``__cause__``. The Flask extension and Django's
+``ReplayOnPrimaryMiddleware`` then send such a GET to the primary, as if its view had called
+``require_primary()``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sqlite3
 from collections.abc import Mapping
 
 READONLY_MESSAGE = "attempt to write a readonly database"  # sqlite3_errstr(SQLITE_READONLY)
+IOERR_MESSAGE = "disk I/O error"  # sqlite3_errstr(SQLITE_IOERR), the WAL case
 
 # Set by LiteFSMiddleware on a read that may be replayed (replay_on_readonly, not forwarded
 # already): its watcher, which tells at the time of the error whether this node is a replica.
@@ -22,15 +25,18 @@ REPLAY_ENVIRON_KEY = "litefs_wsgi.replay_watcher"
 
 def is_readonly_error(exc: BaseException | None) -> bool:
     """True when ``exc``, or an error it wraps (``.orig``, ``__cause__``, ``__context__``
-    unless suppressed by ``from None``), is SQLite's read-only error."""
+    unless suppressed by ``from None``), is SQLite refusing a write as on a LiteFS replica:
+    ``SQLITE_READONLY*``, or ``SQLITE_IOERR_WRITE`` (WAL mode)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, sqlite3.OperationalError):
-            # sqlite_errorname is there from Python 3.11; the message in every version.
-            name = getattr(exc, "sqlite_errorname", None) or ""
-            if name.startswith("SQLITE_READONLY") or READONLY_MESSAGE in str(exc):
-                return True
+            name = getattr(exc, "sqlite_errorname", None)  # from Python 3.11
+            if name is not None:
+                if name.startswith("SQLITE_READONLY") or name == "SQLITE_IOERR_WRITE":
+                    return True
+            elif READONLY_MESSAGE in str(exc) or IOERR_MESSAGE in str(exc):
+                return True  # older Pythons: the message alone, which cannot tell writes apart
         orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError: the driver's own error
         if isinstance(orig, BaseException):
             exc = orig

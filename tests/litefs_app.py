@@ -19,6 +19,7 @@ import threading
 from flask import Flask, jsonify, request
 
 from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi.flask import replay_on_readonly
 from litefs_wsgi.middleware import local_port
 
 DB = "app.db"
@@ -56,10 +57,23 @@ def create_flask(mount_dir: str, node: str) -> Flask:
             return jsonify(wid=wid, found=0, served_by=node), 404
         return jsonify(wid=wid, found=len(found), written_on=found[0][0], served_by=node)
 
+    @app.get("/visits/<wid>")
+    def visit(wid: str):
+        # A GET that writes without asking: on a replica SQLite refuses it, and the error handler
+        # of replay_on_readonly (below) sends it to the primary through the middleware.
+        db = connect("rw")
+        try:
+            with write_lock, db:
+                db.execute("INSERT INTO rows (wid, node) VALUES (?, ?)", (wid, node))
+        finally:
+            db.close()
+        return jsonify(wid=wid, node=node)
+
     @app.get("/hello")
     def hello():
         return f"hello from node {node}\n"
 
+    replay_on_readonly(app)  # acts only inside LiteFSMiddleware: the bare app fails as it is
     return app
 
 
