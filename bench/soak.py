@@ -7,7 +7,7 @@ Needs the litefs binary on PATH and FUSE (see the README's "Testing on real Lite
 the cluster of tests/litefs_cluster.py: LiteFS nodes a (primary) and b (replica) on
 127.0.0.1, b replicating through a relay that delays every byte ``--relay-delay``, and on
 each node the Flask app of tests/litefs_app.py under gunicorn inside LiteFSMiddleware
-(``forward="http"``, positions and the primary from LiteFS's ``/events``).
+(``forward="http"``, ``require_mount``, positions and the primary from LiteFS's ``/events``).
 
 Each client, in a loop: writes a row with a unique id through a random node (a replica
 forwards it to the primary), then reads it back through the other node with the answer's
@@ -55,8 +55,6 @@ from common import ROOT
 sys.path.insert(0, ROOT)  # litefs_wsgi from this checkout, installed or not
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the cluster and the app of the tests
 from litefs_cluster import DB, Cluster, NodeApp, create_schema, unusable_reason, wait_for  # noqa: E402
-
-from litefs_wsgi.config import Config  # noqa: E402
 
 CLIENT_TIMEOUT = 30.0  # seconds; no answer this long counts as "timeout"
 READ_TIMEOUT = 2.0  # the middleware's read_timeout: a stopped primary answers 504 after it
@@ -118,9 +116,8 @@ class Soak:
     def __init__(self, args: argparse.Namespace, root: str) -> None:
         self.args = args
         self.cluster = Cluster(root)
-        options = {"read_timeout": f"{READ_TIMEOUT}s", "connect_timeout": "10s", "max_lag": "10s"}
-        if "require_mount" in Config.option_names():
-            options["require_mount"] = "true"  # a node whose mount is gone never acts as the primary
+        # require_mount: a node whose mount is gone never takes itself for the primary.
+        options = {"read_timeout": f"{READ_TIMEOUT}s", "connect_timeout": "10s", "require_mount": "true"}
         self.options = options
         self.apps = {node.name: NodeApp(node, threads=max(8, args.clients), **options) for node in self.cluster.nodes}
         self.phases = [Phase(name) for name in PHASES]

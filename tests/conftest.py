@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The middleware's options on every node's app in these tests.
-LITEFS_APP_OPTIONS = {"max_lag": "2s", "read_timeout": "5s", "connect_timeout": "5s"}
+LITEFS_APP_OPTIONS = {"max_lag": "2s", "read_timeout": "5s", "connect_timeout": "5s", "require_mount": "true"}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Against a real LiteFS cluster: the cookie is the primary's position, reads wait for real
-replication, health from the real ``.lag``, positions and the primary from the real ``/events``.
+replication, health from the real ``.lag``, positions and the primary from the real ``/events``,
+and the mount check on a real FUSE mount and on the mount point LiteFS leaves.
 
 The fixture ``litefs`` (conftest.py) runs two LiteFS nodes on 127.0.0.1 with the app of
 tests/litefs_app.py on each; these tests skip without a litefs binary or FUSE.
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import uuid
 from http.cookies import SimpleCookie
 
 import pytest
-from litefs_cluster import wait_for
-from servers import form_request
+from litefs_cluster import LiteFSNode, mounted, wait_for
+from servers import form_request, recording_app
+from werkzeug.test import Client
 
-from litefs_wsgi.node import Node
+from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi.node import Node, litefs_mounts, mount_problem
 from litefs_wsgi.watcher import Watcher
 
 pytestmark = [pytest.mark.litefs, pytest.mark.timeout(120)]
@@ -140,3 +144,45 @@ def test_positions_and_the_primary_from_the_real_event_stream(litefs, watchers):
     # The replica's own tx event comes once the transaction is applied there: the file shows it.
     wait_for(lambda: on_replica.events.txids.get("app.db") == txid, 10, "the tx event on the replica")
     assert replica.pos() >= txid
+
+
+def test_the_mount_check_on_a_real_mount_and_on_the_mount_point_litefs_left(tmp_path, caplog):
+    node = LiteFSNode(tmp_path, "solo")  # a node of its own: the shared cluster keeps running
+    node.configure(node)
+    calls: list[str] = []
+    mount_dir = str(node.fuse_dir)
+    try:
+        node.start()
+        node.wait_ready(node)
+        assert mount_problem(mount_dir) is None
+        assert mount_dir in litefs_mounts()
+        with caplog.at_level(logging.WARNING, "litefs_wsgi"):
+            client = Client(
+                LiteFSMiddleware(recording_app(calls), db="app.db", mount_dir=mount_dir, require_mount=True)
+            )
+        assert not [r for r in caplog.records if "not mounted" in r.getMessage()]
+        assert client.post("/rows").status_code == 200
+        assert client.get("/litefs/health").status_code == 200
+
+        node.stop()  # SIGTERM: LiteFS unmounts itself and leaves the empty mount point
+        assert not mounted(mount_dir)
+        assert mount_problem(mount_dir) == "it is empty (a mount point LiteFS has not mounted, or has left)"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "litefs_wsgi"):
+            LiteFSMiddleware(recording_app(calls), db="app.db", mount_dir=mount_dir)
+        [warning] = [r.getMessage() for r in caplog.records if "not mounted" in r.getMessage()]
+        assert warning.startswith(f"LiteFS is not mounted at {mount_dir} (mount_dir): it is empty")
+        assert "This node acts as the primary" in warning
+        # The middleware made while the mount was there notices it has gone (within STATE_TTL).
+        refused = wait_for(lambda: (r := client.post("/rows")).status_code == 503 and r, 10, "writes refused")
+        assert refused.get_data(as_text=True) == f"Proxy error: LiteFS is not mounted at {mount_dir}\n"
+        assert client.get("/litefs/health").status_code == 503
+        served = len(calls)
+
+        node.start()
+        node.wait_ready(node)
+        wait_for(lambda: client.post("/rows").status_code == 200, 10, "writes served again")
+        assert client.get("/litefs/health").status_code == 200
+        assert len(calls) == served + 1  # nothing reached the app while the mount was gone
+    finally:
+        node.close()
