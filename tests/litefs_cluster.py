@@ -18,6 +18,7 @@ replica's writes reach the primary's app, whichever node is the primary.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import queue
@@ -30,11 +31,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+from litefs_wsgi.node import litefs_mounts
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DB = "app.db"
@@ -96,20 +98,9 @@ def port_open(port: int) -> bool:
 
 
 def mounted(path: str | os.PathLike) -> bool:
-    """True while a FUSE file system is mounted at ``path`` (dead or alive): from mountinfo,
-    as ``os.path.ismount`` cannot stat a mount whose LiteFS was killed."""
-    target = os.path.abspath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split(" ")
-        # "36 27 0:39 / /mount/point rw,... - fuse litefs rw,...": the point is field 5 (octal escapes)
-        if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target and " - fuse" in line:
-            return True
-    return False
+    """True while LiteFS is mounted at ``path``, alive or killed (then the mount is dead until
+    ``fusermount3 -u``): from mountinfo, as ``os.path.ismount`` cannot stat a dead mount."""
+    return os.path.abspath(path) in litefs_mounts()
 
 
 def _read_text(path: str | os.PathLike) -> str | None:
@@ -403,11 +394,15 @@ class LiteFSNode:
 
     def info(self) -> dict | None:
         """``GET /info`` of the node's API, None when it does not answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=2)
         try:
-            with urllib.request.urlopen(self.api_url + "/info", timeout=2) as response:
-                return json.loads(response.read())
-        except (OSError, ValueError):
+            conn.request("GET", "/info")
+            response = conn.getresponse()
+            return json.loads(response.read()) if response.status == 200 else None
+        except (OSError, ValueError, http.client.HTTPException):
             return None
+        finally:
+            conn.close()
 
     def close(self) -> None:
         self.stop()
