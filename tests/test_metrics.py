@@ -290,6 +290,39 @@ def test_forward_failures_by_cause(replica, mount):
 
 
 @needs_prometheus
+def test_an_app_exporting_prometheus_client_includes_them_as_the_readme_says(replica):
+    import flask
+    from prometheus_client import make_wsgi_app
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    app = flask.Flask("exported")
+    app.add_url_rule("/", "index", lambda: "ok")
+    app.wsgi_app = DispatcherMiddleware(
+        LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path), {"/metrics": make_wsgi_app()}
+    )
+    client = app.test_client(use_cookies=False)
+    counts = Counts()
+
+    def exported_reads() -> float:
+        text = client.get("/metrics").get_data(as_text=True)
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        return next(s.value for s in families["litefs_wsgi_requests"].samples if s.labels == {"decision": "read"})
+
+    before = exported_reads()
+    assert [client.get("/").status_code for _ in range(3)] == [200] * 3
+    assert exported_reads() == before + 3
+    assert counts.moved() == {"read": 3}  # the scrapes are not counted
+
+
+@needs_prometheus
+def test_a_write_refused_for_want_of_a_mount_is_no_primary(tmp_path):
+    counts = Counts()
+    unmounted = LiteFSMiddleware(ok, db="app.db", mount_dir=str(tmp_path / "nothing"), require_mount=True)
+    assert Client(unmounted, use_cookies=False).post("/items").status_code == 503
+    assert counts.moved() == {"no_primary": 1}
+
+
+@needs_prometheus
 def test_lag_and_role_are_read_when_scraped(replica):
     LiteFSMiddleware(ok, db="app.db", mount_dir=replica.path)  # the last one made is reported
     replica.set_lag(1234)
