@@ -1,109 +1,139 @@
-"""Requests per second and latency of the standalone proxy against other ways to put a proxy in front of an app.
+"""The standalone proxy against other ways to put a proxy in front of an app: ratios to the app served directly.
 
-Run: ``python bench/proxy_rps.py`` from the repository root (about a minute; nginx is measured
-only when ``nginx`` is on PATH). Everything listens on 127.0.0.1, side by side in one run:
+Run: ``python bench/proxy_rps.py`` from the repository root (about 5 minutes at the defaults).
+Everything listens on 127.0.0.1 and runs side by side in one run:
 
-- direct: the app under gunicorn, no proxy (the baseline);
-- litefs-wsgi: ``litefs_wsgi.proxy:application`` (this node the primary, GET without cookie),
-  and on a replica with a ``__txid`` cookie already satisfied (one ``-pos`` read, no wait);
-- werkzeug ProxyMiddleware: ``werkzeug.middleware.http_proxy``;
-- naive requests: a forwarder calling ``requests.request`` per request, as often hand-written;
-- nginx: ``proxy_pass`` with upstream keep-alive.
+- direct: the app under gunicorn (gthread, 1 worker x 8 threads, no access log), the baseline;
+- litefs-wsgi: the standalone proxy as a user gets it, ``gunicorn -c gunicorn.conf.py`` with
+  nothing but ``LITEFS_WSGI_CONFIG`` set (a LiteFS-style mount where this node is the primary);
+- werkzeug: ``werkzeug.middleware.http_proxy.ProxyMiddleware`` (a new connection per request);
+- minimal: ``bench/minimal_forwarder.py``, the reference (a keep-alive socket per thread, head
+  in one string, answer head split by hand, ``Content-Length`` only);
+- nginx: ``proxy_pass`` with upstream keep-alive, when ``nginx`` is installed;
+- LiteFS: LiteFS's own Go proxy, when the ``litefs`` binary is on PATH and FUSE works (a real
+  ``litefs mount``, static lease, this node the primary).
 
-Each proxy runs under gunicorn with the same settings (gthread, 1 worker, 16 threads, no
-access log); the load generator is a threaded Python client on keep-alive connections
-sending a fixed number of GETs, so every run stops by itself. The machine's cores are shared
-by the client, the proxy and the app: read the ratios, not the absolute figures.
+The other Python proxies run under gunicorn with the workers and threads the standalone proxy
+gets by default, no access log; nginx with as many workers. Loads (wrk, keep-alive): GET of a
+512-byte answer at 32 and at 4 connections; GET at 32 with a ``__txid`` cookie the primary has
+reached (LiteFS and litefs-wsgi check it, the others just pass it on); a 64 MiB download at 4.
+Rounds are interleaved (each load on each setup in turn, then again) and the medians of the
+ratios to direct are printed, with each worker's peak RSS (VmHWM). The machine's cores are
+shared by wrk, the proxies and the app: read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import os
+import re
 import shutil
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from subprocess import PIPE, STDOUT
 
 import common
-from common import free_port, running
+from common import ROOT, free_port, running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BODY = b"x" * 512
-PATH = "/bench/items"
-GUNICORN = ["-k", "gthread", "--workers", "1", "--threads", "16", "--log-level", "warning", "--keep-alive", "5"]
+STREAM = 64 * 1024 * 1024
+BLOCK = 1024 * 1024
+APP = ["-k", "gthread", "--workers", "1", "--threads", "8", "--keep-alive", "75", "--log-level", "warning"]
+LOADS = {
+    "GET c32": ("/bench/items", 32, False),
+    "GET c4": ("/bench/items", 4, False),
+    "c32 cookie": ("/bench/items", 32, True),
+    "64 MiB c4": ("/bench/stream", 4, False),
+}
 
 
 # -- the WSGI apps gunicorn loads from this module ------------------------------------------
 
 
 def app(environ, start_response):
-    """The application behind every proxy: a small fixed answer."""
+    """The application behind every proxy: 512 bytes, or a 64 MiB download at /bench/stream."""
+    if environ["PATH_INFO"] == "/bench/stream":
+        block = b"s" * BLOCK
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(STREAM))])
+        return (block for _ in range(STREAM // BLOCK))
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(BODY)))])
     return [BODY]
 
 
-def _werkzeug_proxy():
-    from werkzeug.middleware.http_proxy import ProxyMiddleware
-
-    def not_proxied(environ, start_response):
-        start_response("404 Not Found", [("Content-Length", "0")])
-        return [b""]
-
-    # werkzeug turns a prefix "/" into "//", which matches nothing: name a real one.
-    return ProxyMiddleware(not_proxied, {PATH.rsplit("/", 1)[0]: {"target": os.environ["BENCH_TARGET"]}})
-
-
-def naive_proxy(environ, start_response):
-    """Forward with ``requests.request``: a new connection per request, body read whole."""
-    import requests
-    from werkzeug.datastructures import EnvironHeaders
-    from werkzeug.http import is_hop_by_hop_header
-    from werkzeug.wsgi import get_input_stream
-
-    headers = {k: v for k, v in EnvironHeaders(environ).items() if not is_hop_by_hop_header(k) and k != "Host"}
-    url = os.environ["BENCH_TARGET"] + environ.get("RAW_URI", environ.get("PATH_INFO", "/"))
-    body = get_input_stream(environ).read()
-    response = requests.request(
-        environ["REQUEST_METHOD"], url, headers=headers, data=body or None, allow_redirects=False, timeout=30
-    )
-    out = [(k, v) for k, v in response.raw.headers.items() if not is_hop_by_hop_header(k)]
-    start_response(f"{response.status_code} {response.reason}", out)
-    return [response.content]
-
-
 def __getattr__(name: str):
     if name == "werkzeug_proxy":
-        return _werkzeug_proxy()
+        from werkzeug.middleware.http_proxy import ProxyMiddleware
+
+        def not_proxied(environ, start_response):
+            start_response("404 Not Found", [("Content-Length", "0")])
+            return [b""]
+
+        # werkzeug turns a prefix "/" into "//", which matches nothing: name a real one.
+        return ProxyMiddleware(not_proxied, {"/bench": {"target": os.environ["BENCH_TARGET"] + "/bench"}})
     raise AttributeError(name)
 
 
-# -- running servers -------------------------------------------------------------------------
+# -- the setups ------------------------------------------------------------------------------
+
+
+class Setup:
+    def __init__(self, name: str, url: str, pids: Iterator[int] | None = None) -> None:
+        self.name, self.url, self._pids = name, url, pids
+
+    def workers(self) -> list[int]:
+        return list(self._pids()) if self._pids else []
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 @contextlib.contextmanager
-def gunicorn(wsgi: str, env: dict | None = None) -> Iterator[str]:
+def gunicorn(name: str, args: list[str], env: dict, log: str) -> Iterator[Setup]:
     port = free_port()
-    with common.gunicorn([*GUNICORN, "--chdir", HERE, wsgi], port, env, HERE, stdout=PIPE, stderr=STDOUT):
-        yield f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        try:
+            # Only ours reads gunicorn.conf.py: the others start where gunicorn finds none.
+            cwd = ROOT if "-c" in args else HERE
+            server = common.gunicorn(args, port, env, cwd, stdout=out, stderr=subprocess.STDOUT)
+            proc = server.__enter__()
+        except SystemExit:
+            with open(log, "rb") as f:
+                raise SystemExit(f"{name} did not start: {f.read()[-2000:].decode(errors='replace')}") from None
+        try:
+            yield Setup(name, f"http://127.0.0.1:{port}", lambda: children(proc.pid))
+        finally:
+            server.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
-def nginx(target_port: int, tmp: str) -> Iterator[str]:
+def nginx(target_port: int, workers: int, tmp: str) -> Iterator[Setup]:
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
         f.write(
             f"""daemon off;
-worker_processes 1;
+worker_processes {workers};
 pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
+error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
@@ -112,122 +142,198 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream app {{ server 127.0.0.1:{target_port}; keepalive 32; }}
+    upstream app {{ server 127.0.0.1:{target_port}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_buffering off;
         }}
     }}
 }}
 """
         )
-    with running(["nginx", "-p", tmp, "-c", conf], port, stdout=PIPE, stderr=STDOUT):
-        yield f"http://127.0.0.1:{port}"
+    with running(["nginx", "-p", tmp, "-c", conf], port) as proc:
+        yield Setup("nginx", f"http://127.0.0.1:{port}", lambda: children(proc.pid))
 
 
-# -- the load generator ----------------------------------------------------------------------
+@contextlib.contextmanager
+def litefs_proxy(target_port: int, tmp: str) -> Iterator[tuple[Setup, int]]:
+    """LiteFS's Go proxy on a real ``litefs mount``; yields it and app.db's TXID."""
+    base = os.path.join(tmp, "litefs-go")
+    mnt, data = os.path.join(base, "mnt"), os.path.join(base, "data")
+    os.makedirs(mnt)
+    os.makedirs(data)
+    port, api = free_port(), free_port()
+    conf = os.path.join(base, "litefs.yml")
+    with open(conf, "w") as f:
+        f.write(
+            f'fuse:\n  dir: "{mnt}"\ndata:\n  dir: "{data}"\n'
+            f'lease:\n  type: "static"\n  candidate: true\n  advertise-url: "http://127.0.0.1:{api}"\n'
+            f'http:\n  addr: "127.0.0.1:{api}"\n'
+            f'proxy:\n  addr: "127.0.0.1:{port}"\n  target: "127.0.0.1:{target_port}"\n  db: "app.db"\n'
+        )
+    log = open(os.path.join(base, "litefs.log"), "ab")
+    try:
+        with running(["litefs", "mount", "-config", conf], port, stdout=log, stderr=subprocess.STDOUT) as proc:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(os.path.join(mnt, ".lag")):  # mounted, and the primary
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"LiteFS did not mount {mnt}; see {base}/litefs.log")
+                time.sleep(0.1)
+            with sqlite3.connect(os.path.join(mnt, "app.db")) as db:
+                db.execute("CREATE TABLE t (x)")
+                db.execute("INSERT INTO t VALUES (1)")
+            db.close()
+            with open(os.path.join(mnt, "app.db-pos")) as f:
+                txid = int(f.read().split("/")[0], 16)
+            yield Setup("LiteFS proxy", f"http://127.0.0.1:{port}", lambda: [proc.pid]), txid
+    finally:
+        log.close()
+        subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL, check=False)
 
 
-def load(url: str, requests: int, concurrency: int, headers: dict | None = None) -> dict:
-    """Send ``requests`` GETs over ``concurrency`` keep-alive connections; rps and latencies."""
-    host, port = url.split("//")[1].split(":")
-    per_thread = requests // concurrency
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors = [0] * concurrency
-    start = threading.Barrier(concurrency + 1, timeout=60)
+# -- measuring ---------------------------------------------------------------------------------
 
-    def client(i: int) -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        start.wait()
-        for _ in range(per_thread):
-            t0 = time.perf_counter()
-            try:
-                conn.request("GET", PATH, headers=headers or {})
-                response = conn.getresponse()
-                data = response.read()
-                if response.status != 200 or data != BODY:
-                    errors[i] += 1
-            except (OSError, http.client.HTTPException):
-                errors[i] += 1
-                conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-            latencies[i].append(time.perf_counter() - t0)
-        conn.close()
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for thread in threads:
-        thread.join(300)
-    elapsed = time.perf_counter() - t0
-    flat = sorted(x for per in latencies for x in per)
-    return {
-        "rps": len(flat) / elapsed,
-        "p50": statistics.median(flat) * 1000,
-        "p99": flat[int(len(flat) * 0.99)] * 1000,
-        "errors": sum(errors),
-    }
+def wrk(url: str, path: str, connections: int, seconds: float, cookie: str | None) -> tuple[float, str]:
+    """Requests per second, and a warning when any answer was not a 2xx or a socket failed."""
+    command = ["wrk", "-t", "2" if connections > 1 else "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s"]
+    command += ["--timeout", "30s"]
+    if cookie:
+        command += ["-H", f"Cookie: {cookie}"]
+    out = subprocess.run([*command, url + path], capture_output=True, text=True, timeout=seconds + 60).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    problems = [line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    return (float(match[1]) if match else 0.0), "; ".join(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("-n", "--requests", type=int, default=4000)
-    parser.add_argument("-c", "--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    parser.add_argument("--seconds", type=int, default=3, help="length of each wrk run")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="also measure the standalone proxy with these environment variables, e.g. "
+        "'threads 8:GUNICORN_THREADS=8' or 'access log:GUNICORN_CMD_ARGS=--access-logfile -'",
+    )
+    parser.add_argument("--only", default="", help="comma-separated loads to run (default: all)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        mount, replica = os.path.join(tmp, "litefs"), os.path.join(tmp, "replica")
-        for path in (mount, replica):
-            os.makedirs(path)
-            with open(os.path.join(path, "app.db-pos"), "w") as f:
-                f.write("000000000000002a/0000000000000001\n")
-        with open(os.path.join(replica, ".primary"), "w") as f:
-            f.write("node-a\n")
-        with gunicorn("proxy_rps:app") as target:
-            target_env = {"BENCH_TARGET": target}
-            litefs_env = {
-                "LITEFS_DIR": mount,
-                "LITEFS_PROXY_DB": "app.db",
-                "LITEFS_PROXY_TARGET": target.split("//")[1],
-                "LITEFS_PROXY_FORWARD": "http",
-                "LITEFS_WSGI_POOL_SIZE": "16",
-            }
-            cookie = {"Cookie": "__txid=000000000000002a"}
-            setups = [
-                ("direct (no proxy)", contextlib.nullcontext(target), None),
-                ("litefs-wsgi", gunicorn("litefs_wsgi.proxy:application", litefs_env), None),
-                (
-                    "litefs-wsgi, replica+cookie",
-                    gunicorn("litefs_wsgi.proxy:application", {**litefs_env, "LITEFS_DIR": replica}),
-                    cookie,
-                ),
-                ("werkzeug ProxyMiddleware", gunicorn("proxy_rps:werkzeug_proxy", target_env), None),
-                ("naive requests forwarder", gunicorn("proxy_rps:naive_proxy", target_env), None),
-            ]
-            if shutil.which("nginx"):
-                setups.append(("nginx proxy_pass", nginx(int(target.rsplit(":", 1)[1]), tmp), None))
+    loads = {k: v for k, v in LOADS.items() if not args.only or k in args.only.split(",")}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        log = os.path.join(tmp, "servers.log")
+        direct = stack.enter_context(gunicorn("direct", [*APP, "--chdir", HERE, "proxy_rps:app"], {}, log))
+        target_port = int(direct.url.rsplit(":", 1)[1])
+        setups = [direct]
+        txid = 0x2A
+        skipped = []
+        if shutil.which("litefs") and os.path.exists("/dev/fuse"):
+            try:
+                go, txid = stack.enter_context(litefs_proxy(target_port, tmp))
+            except SystemExit as exc:
+                skipped.append(f"LiteFS proxy: {exc}")
             else:
-                print("nginx: not installed, skipped")
-            print(f"{args.requests} GETs over {args.concurrency} keep-alive connections, {os.cpu_count()} cores")
-            header = f"{'setup':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs direct':>10}"
-            print(header)
-            print("-" * len(header))
-            direct = None
-            for name, setup, headers in setups:
-                with setup as url:
-                    load(url, min(400, args.requests), args.concurrency, headers)  # warm up
-                    r = load(url, args.requests, args.concurrency, headers)
-                direct = direct or r["rps"]
-                print(
-                    f"{name:<26} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>7}"
-                    f" {r['rps'] / direct:>9.2f}x"
+                setups.append(go)
+        else:
+            skipped.append("LiteFS proxy: no litefs binary on PATH, or no /dev/fuse")
+        mount = os.path.join(tmp, "litefs")
+        os.makedirs(mount)
+        with open(os.path.join(mount, "app.db-pos"), "w") as f:
+            f.write(f"{txid:016x}/0000000000000001\n")
+        config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount, f"127.0.0.1:{target_port}")
+        ours_env = {"LITEFS_WSGI_CONFIG": config}
+        for key in ("GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_CMD_ARGS", "GUNICORN_BIND"):
+            os.environ.pop(key, None)
+        os.environ["LITEFS_WSGI_CONFIG"] = config
+        sys.path.insert(0, ROOT)
+        from litefs_wsgi import gunicorn_conf as defaults  # the settings a user gets
+
+        ours = [("litefs-wsgi", {})]
+        for variant in args.variant:
+            name, _, assignments = variant.partition(":")
+            env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+            ours.append((f"litefs-wsgi, {name}", env))
+        for name, env in ours:
+            setups.append(
+                stack.enter_context(
+                    gunicorn(name, ["-c", os.path.join(ROOT, "gunicorn.conf.py")], {**ours_env, **env}, log)
                 )
+            )
+        same = ["-k", "gthread", "--workers", str(defaults.workers), "--threads", str(defaults.threads)]
+        same += ["--keep-alive", "5", "--log-level", "warning", "--chdir", HERE]
+        target_env = {"BENCH_TARGET": direct.url}
+        setups.append(
+            stack.enter_context(
+                gunicorn("werkzeug ProxyMiddleware", [*same, "proxy_rps:werkzeug_proxy"], target_env, log)
+            )
+        )
+        setups.append(
+            stack.enter_context(
+                gunicorn("minimal forwarder", [*same, "minimal_forwarder:application"], target_env, log)
+            )
+        )
+        if shutil.which("nginx"):
+            setups.append(stack.enter_context(nginx(target_port, defaults.workers, tmp)))
+        else:
+            skipped.append("nginx: not installed")
+        cookie = f"__txid={txid:016x}"
+        print(
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds of "
+            f"{args.seconds:g} s per load and setup; the proxy's defaults: {defaults.workers} workers x "
+            f"{defaults.threads} threads, access log {'on' if defaults.accesslog else 'off'}"
+        )
+        for line in skipped:
+            print("skipped:", line)
+        for setup in setups:  # warm up: imports done, pools filled
+            for path, connections, with_cookie in loads.values():
+                wrk(setup.url, path, connections, 1, cookie if with_cookie else None)
+        ratios: dict[tuple[str, str], list[float]] = {}
+        absolute: dict[str, list[float]] = {}
+        problems: set[str] = set()
+        for _ in range(args.rounds):
+            for load, (path, connections, with_cookie) in loads.items():
+                base = None
+                for setup in setups:
+                    rps, problem = wrk(setup.url, path, connections, args.seconds, cookie if with_cookie else None)
+                    if problem:
+                        problems.add(f"{setup.name}, {load}: {problem}")
+                    if setup is direct:
+                        base = rps
+                        absolute.setdefault(load, []).append(rps)
+                    ratios.setdefault((setup.name, load), []).append(rps / base if base else 0.0)
+        print()
+        names = [s.name for s in setups]
+        width = max(len(n) for n in names) + 2
+        print(f"{'ratio to direct (median)':<{width}}" + "".join(f"{load:>12}" for load in loads) + f"{'peak RSS':>22}")
+        print(f"{'direct, req/s':<{width}}" + "".join(f"{statistics.median(absolute[load]):>12.0f}" for load in loads))
+        for setup in setups:
+            rss = [peak_rss_mib(pid) for pid in setup.workers()]
+            rss_text = f"{max(rss):.0f} MiB x {len(rss)}" if rss else ""
+            cells = "".join(f"{statistics.median(ratios[(setup.name, load)]):>12.2f}" for load in loads)
+            print(f"{setup.name:<{width}}{cells}{rss_text:>22}")
+        print()
+
+        def med(name: str, load: str) -> float | None:
+            values = ratios.get((name, load))
+            return statistics.median(values) if values else None
+
+        for other, target in (("minimal forwarder", 0.9), ("werkzeug ProxyMiddleware", 1.3), ("LiteFS proxy", 1.1)):
+            cells = []
+            for load in loads:
+                a, b = med("litefs-wsgi", load), med(other, load)
+                if a and b:
+                    cells.append(f"{load} {a / b:.2f}")
+            if cells:
+                print(f"litefs-wsgi / {other} (target {target}x): " + ", ".join(cells))
+        for problem in sorted(problems):
+            print("warning:", problem)
     return 0
 
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import re
+import select
+import socket
+import ssl
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 from urllib.parse import quote, urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
-from urllib3.util import SKIP_HEADER
-from werkzeug.datastructures import EnvironHeaders
+import httptools
 from werkzeug.exceptions import ClientDisconnected
-from werkzeug.http import is_hop_by_hop_header, parse_list_header
-from werkzeug.wsgi import ClosingIterator, LimitedStream, get_content_length, get_input_stream
+from werkzeug.http import parse_list_header
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from .errors import error, status_line
 
@@ -28,114 +30,623 @@ T = TypeVar("T")
 HOP_HEADER = "X-LiteFS-Forwarded"
 HOP_ENVIRON_KEY = "HTTP_" + HOP_HEADER.upper().replace("-", "_")
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A request head as it may go out: a token method, a target without spaces or controls,
+# then "Name: value" lines whose names are tokens and whose values hold no CR, LF or NUL.
+_REQUEST_HEAD = re.compile(
+    r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^\x00-\x20\x7f]+ HTTP/1\.1\r\n"
+    r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\x00\r\n]*\r\n)*\r\n"
+)
 CHUNK = 64 * 1024
 # A body of known length, and answers, are copied in larger blocks: gunicorn's wsgi.input
 # reads 64 KiB at a time at about 200 MiB/s and 1 MiB about four times faster (bench/stream.py).
 # It costs up to this much memory per request streaming a body. A chunked upload is still
 # read 64 KiB at a time: a read waits until its block is full, and the upload may be slow.
 BLOCK = 1024 * 1024
+# A body up to this size is read whole before it is sent: it leaves with the head in one
+# write, and a request that met a connection the other side had just closed can be sent again.
+SMALL_BODY = 64 * 1024
+MAX_HEAD = 64 * 1024  # an answer's head larger than this is refused (Go's default is 1 MiB, nginx's 4-8 KiB)
 RETRY_REFUSED_EVERY = 0.1  # as LiteFS: the app behind may be restarting
+# Methods whose request Go's http.Transport sends again when a reused connection turns out
+# closed before any byte of the answer came (RFC 9110 section 9.2.2: idempotent).
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
+
+
+class CannotConnect(OSError):
+    """No connection could be made: nothing of the request was sent."""
+
+
+class BadAnswer(Exception):
+    """The other side's answer could not be read as HTTP/1.1."""
+
+
+class _Closed(BadAnswer):
+    """The connection closed (or was reset) before the first byte of an answer."""
+
+    def __init__(self) -> None:
+        super().__init__("connection closed before any answer")
+
+
+class Destination(NamedTuple):
+    """Where requests for one base URL go."""
+
+    scheme: str
+    host: str
+    port: int
+    netloc: str
+    prefix: str  # the base URL's path, put before each request target
+
+
+def destination(base_url: str) -> Destination:
+    """``base_url`` split for forwarding; ValueError when it cannot be used."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {base_url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Destination(parts.scheme, parts.hostname, port, parts.netloc, parts.path.rstrip("/"))
+
+
+class Connection:
+    """A keep-alive connection to one destination, with the bytes read past the last answer."""
+
+    __slots__ = ("sock", "reused", "_poll")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reused = False
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def idle_and_open(self) -> bool:
+        """Nothing to read on an idle connection: neither the other side's close (a FIN or a
+        reset) nor bytes it should not have sent. One poll(2), no wait."""
+        return not self._poll.poll(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Answer:
+    """An answer's head as parsed by httptools (llhttp) and how its body is framed.
+
+    llhttp is strict: it refuses bare LF line ends, obs-fold, a name that is not a token,
+    control characters in a value, a ``Content-Length`` that is not digits or comes twice,
+    and ``Content-Length`` with ``Transfer-Encoding``. What it lets through is relayed."""
+
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "done",
+        "complete",
+        "extra",
+        "pieces",
+        "length",
+        "chunked",
+        "keep_alive",
+        "connection",
+        "tokens",
+        "parser",
+        "rest",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []  # as sent, in order, latin-1
+        self.done = False  # the head is complete
+        self.complete = False  # the whole message is
+        self.extra = False  # bytes came after it: a second answer, never asked for
+        self.pieces: list[bytes] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.connection: str | None = None
+        self.upgrade = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.done:  # a chunked body's trailers are not relayed
+            return
+        header = (name.decode("latin-1"), value.decode("latin-1"))
+        self.headers.append(header)
+        lower = header[0].lower()
+        if lower in _FRAMING:
+            if lower == "content-length":
+                self.length = int(value)  # llhttp checked it: digits, and only one
+            elif lower == "transfer-encoding":
+                self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            else:
+                self.connection = f"{self.connection}, {header[1]}" if self.connection else header[1]
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        values = [v for k, v in self.headers if k.lower() == lower]
+        return ", ".join(values) if values else None
+
+    def status_line(self) -> str:
+        """The answer's status line for ``start_response``."""
+        reason = self.reason.decode("latin-1")
+        return f"{self.status} {reason}" if reason else status_line(self.status)
+
+
+_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
+
+
+def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
+    """Read one answer's head from ``sock`` (``data``: bytes already read from it).
+
+    1xx answers other than ``101`` are skipped. The bytes read past the head are in
+    ``answer.rest``. Raises ``_Closed`` when the connection ends before any byte came,
+    ``BadAnswer`` for anything llhttp refuses, ``socket.timeout`` or ``BlockingIOError``
+    after the read timeout."""
+    received = bool(data)
+    while True:
+        answer = Answer()
+        parser = httptools.HttpResponseParser(answer)
+        fed = 0
+        while True:
+            end = data.find(b"\r\n\r\n", max(0, fed - 3))
+            try:
+                if end >= 0:
+                    end += 4
+                    parser.feed_data(data[fed:end] if fed else data[:end])
+                    if not answer.done:
+                        raise BadAnswer("malformed head")
+                    break
+                if fed < len(data):
+                    # Fed as it comes, so that llhttp refuses a bad head (bare LF line ends,
+                    # say) at once instead of this waiting for a CRLF CRLF that never comes.
+                    parser.feed_data(data[fed:])
+                    fed = len(data)
+                    if answer.done:
+                        raise BadAnswer("head with bare LF line ends")
+            except httptools.HttpParserUpgrade:
+                answer.upgrade = True
+                end = data.find(b"\r\n\r\n") + 4
+                break
+            except httptools.HttpParserError as exc:
+                raise BadAnswer(str(exc) or type(exc).__name__) from exc
+            if len(data) > MAX_HEAD:
+                raise BadAnswer(f"head over {MAX_HEAD} bytes")
+            try:
+                more = sock.recv(CHUNK)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                if received:
+                    raise
+                raise _Closed() from exc
+            if not more:
+                if received:
+                    raise BadAnswer("connection closed in the middle of the head")
+                raise _Closed()
+            received = True
+            data += more
+        status = answer.status = parser.get_status_code()
+        answer.rest = data[end:]
+        if 100 <= status < 200 and status != 101:
+            data = answer.rest  # 100 Continue, 103 Early Hints: WSGI relays only the final answer
+            continue
+        tokens = answer.tokens = _connection_tokens(answer.connection)
+        if parser.get_http_version() == "1.1":
+            answer.keep_alive = "close" not in tokens
+        else:
+            answer.keep_alive = "keep-alive" in tokens
+        if method == "HEAD" or status == 204 or status == 304 or status == 101:
+            answer.length, answer.chunked = 0, False
+        elif answer.chunked:
+            answer.length, answer.parser = None, parser
+        elif answer.length is None:
+            answer.keep_alive = False  # the body ends when the connection does
+        return answer
+
+
+def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None]) -> Iterable[bytes]:
+    """The answer's body as an iterable for a WSGI server. ``on_end(reusable)`` is called
+    once: when the body is all read (``reusable``: the connection may carry another
+    request), or when it is closed early or fails (``False``)."""
+    rest = answer.rest
+    if answer.length is not None and len(rest) >= answer.length:
+        # The whole body came with the head: no generator, the connection goes back at once.
+        on_end(answer.keep_alive and len(rest) == answer.length)
+        return [rest[: answer.length]] if answer.length else []
+    if answer.chunked:
+        try:
+            if rest:
+                answer.parser.feed_data(rest)
+        except httptools.HttpParserError:
+            on_end(False)
+            raise
+        if answer.complete:
+            on_end(answer.keep_alive and not answer.extra)
+            return [b"".join(answer.pieces)] if answer.pieces else []
+        chunks = _chunked(answer, sock)
+    elif answer.length is None:
+        chunks = _until_closed(rest, sock)
+    else:
+        chunks = _sized(rest, answer.length, sock)
+    return _Body(chunks, on_end, answer)
+
+
+def _sized(rest: bytes, length: int, sock: socket.socket) -> Iterator[bytes]:
+    left = length
+    if rest:
+        yield rest
+        left -= len(rest)
+    while left:
+        data = sock.recv(min(left, BLOCK))
+        if not data:
+            raise BadAnswer(f"connection closed {left} bytes before the end of the body")
+        left -= len(data)
+        yield data
+
+
+def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
+    pieces = answer.pieces
+    if pieces:  # one item per chunk as it arrives, so that server-sent events are not held back
+        yield b"".join(pieces)
+        pieces.clear()
+    while not answer.complete:
+        data = sock.recv(BLOCK)
+        if not data:
+            raise BadAnswer("connection closed before the last chunk")
+        answer.parser.feed_data(data)
+        if pieces:
+            yield b"".join(pieces) if len(pieces) > 1 else pieces[0]
+            pieces.clear()
+
+
+def _until_closed(rest: bytes, sock: socket.socket) -> Iterator[bytes]:
+    if rest:
+        yield rest
+    while data := sock.recv(BLOCK):
+        yield data
+
+
+class _Body:
+    """An answer's body for the WSGI server; ``close()`` (which the server calls) ends it."""
+
+    __slots__ = ("_chunks", "_on_end", "_answer", "_finished")
+
+    def __init__(self, chunks: Iterator[bytes], on_end: Callable[[bool], None], answer: Answer) -> None:
+        self._chunks, self._on_end, self._answer = chunks, on_end, answer
+        self._finished = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks
+        self._finished = True
+
+    def close(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            # Not read to its end: the client went away, or the other side failed mid-answer.
+            on_end(self._finished and self._answer.keep_alive and not self._answer.extra)
+
+
+class FailureLog:
+    """Logs failed forwards at WARNING, at most ``burst`` lines per ``period`` seconds for
+    each destination: a dead primary must not flood the log. The first line after a quiet
+    spell says how many failures were not logged."""
+
+    def __init__(self, burst: int = 5, period: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.period, self._clock = burst, period, clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, list] = {}  # destination: [window start, lines logged, not logged]
+
+    def __call__(self, code: int, method: str, path: str, where: str, why: str) -> None:
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get(where)
+            if window is None or now - window[0] >= self.period:
+                if len(self._windows) > 1000:
+                    self._windows.clear()
+                window = self._windows[where] = [now, 0, window[2] if window else 0]
+            if window[1] >= self.burst:
+                window[2] += 1
+                return
+            window[1] += 1
+            skipped, window[2] = window[2], 0
+        more = f" ({skipped} more failed forwards to {where} not logged)" if skipped else ""
+        log.warning("forward %s %s to %s failed, answered %d: %s%s", method, path, where, code, why, more)
+
+
+failure_log = FailureLog()
 
 
 class Forwarder:
-    """An HTTP client for relaying WSGI requests, with one connection pool per process.
+    """An HTTP/1.1 client for relaying WSGI requests, keeping connections open between them.
 
-    It is urllib3, the transport under requests, used directly: a requests ``Session``
-    would share a cookie jar between users, add ``User-Agent`` and ``Accept-Encoding``,
-    read proxy settings and ``.netrc`` from the environment and re-quote the URL, all wrong
-    for a proxy. Nothing is decompressed, no redirect is followed, and a request is sent at
-    most once: only a refused connection (no byte has left) is tried again, for up to
-    ``connect_timeout``.
+    Its own, and small: each request's head is formatted in one string and written with its
+    small body in one send; the answer's head and chunked framing are parsed by httptools
+    (llhttp, Node's parser, strict about framing). Idle connections are kept per
+    destination, up to ``pool_size`` (a worker's thread count), and checked with one poll
+    before reuse. Nothing is added to a request or an answer but the proxy headers, nothing
+    is decompressed, no redirect is followed, and no cookie is kept.
+
+    A request is sent twice only when Go's http.Transport (LiteFS's own proxy) would: on a
+    reused connection that the other side closed before any byte of the answer came, when
+    nothing of the request was written or the request is idempotent (GET, HEAD, OPTIONS,
+    TRACE, or with an Idempotency-Key) with no body or one held whole in memory. A refused
+    connection (nothing sent) is tried again every 100 ms for up to ``connect_timeout``.
     """
 
     def __init__(self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.pool_size = max(1, pool_size)
         self._read = read_timeout or None  # 0: no limit
-        self._pools = urllib3.PoolManager(
-            num_pools=16, maxsize=max(1, pool_size), block=False, retries=False, blocksize=BLOCK
-        )
+        self._idle: dict[Destination, list[Connection]] = {}
+        self._destinations: dict[str, Destination] = {}
+        self._tls: ssl.SSLContext | None = None
         # Told of each failed forward: (a cause of FORWARD_CAUSES, whether it went to the
         # primary rather than the standalone proxy's target). LiteFSMiddleware sets it to
         # its metrics recorder.
         self.on_failure: Callable[[str, bool], None] = _ignore
 
     def close(self) -> None:
-        self._pools.clear()
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            while connections:
+                connections.pop().close()
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connect(self, dest: Destination) -> socket.socket:
+        """A new connection to ``dest``, dialled again every 100 ms while refused; raises
+        ``CannotConnect`` saying why there is none."""
+        try:
+            sock = dial(
+                lambda left: socket.create_connection((dest.host, dest.port), timeout=left), self.connect_timeout
+            )
+        except OSError as exc:
+            raise CannotConnect(describe(exc, dest.netloc)) from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if dest.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=dest.host)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise CannotConnect(f"TLS handshake with {dest.netloc} failed ({exc})") from exc
+        if dest.scheme == "https":
+            sock.settimeout(self._read)
+        else:
+            # A blocking socket with the kernel's timeouts: one recv(2) per wait. With
+            # settimeout, CPython polls first, then reads: three system calls, and the GIL
+            # won back after each, which costs under a worker's busy threads.
+            sock.settimeout(None)
+            if self._read:
+                seconds = int(self._read)
+                timeval = struct.pack("ll", seconds, int((self._read - seconds) * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return sock
+
+    def _pooled(self, dest: Destination) -> Connection | None:
+        idle = self._idle.get(dest)
+        while idle:
+            try:
+                conn = idle.pop()  # the most recently used: the least likely to have been closed
+            except IndexError:
+                return None
+            if conn.idle_and_open():
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, dest: Destination, conn: Connection, reusable: bool) -> None:
+        idle = self._idle.get(dest)
+        if idle is None:
+            idle = self._idle.setdefault(dest, [])
+        if reusable and len(idle) < self.pool_size:
+            conn.reused = True
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def _destination(self, base_url: str) -> Destination:
+        dest = self._destinations.get(base_url)
+        if dest is None:
+            dest = destination(base_url)
+            if len(self._destinations) > 256:
+                self._destinations.clear()
+            self._destinations[base_url] = dest
+        return dest
+
+    # -- forwarding ----------------------------------------------------------------------
 
     def forward(self, environ: dict, start_response, base_url: str, mark: bool = False) -> Iterable[bytes]:
         """Relay the request in ``environ`` to ``base_url`` and its answer to ``start_response``.
 
         ``mark`` adds the hop header (a write going to the primary). Failures answer 502
-        ``Proxy error: …`` (504 when the other side stays silent past ``read_timeout``).
+        ``Proxy error: …`` (504 when the other side stays silent past ``read_timeout``),
+        each logged at WARNING (a bounded number per minute).
         """
-        base = urlsplit(base_url)
-        body, chunked = request_body(environ)
-        headers = request_headers(environ, mark=mark, chunked=chunked)
-        # urllib3 would add "User-Agent: python-urllib3/…" and "Accept-Encoding: identity"
-        # to a request that came without them; a proxy sends on only what the client sent.
-        present = {name.lower() for name in headers}
-        for name in ("User-Agent", "Accept-Encoding"):
-            if name.lower() not in present:
-                headers[name] = SKIP_HEADER
-        target = base.path.rstrip("/") + request_target(environ)
         method = environ["REQUEST_METHOD"]
         try:
-            pool = self._pools.connection_from_url(base_url)
-            response = self._send(pool, method, target, body, headers, chunked)
+            dest = self._destination(base_url)
+        except ValueError as exc:
+            why = f"cannot forward to {base_url!r}: {exc}"
+            return self.failed(environ, start_response, 502, base_url, why, cause="url", mark=mark)
+        chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
+        length = None if chunked else get_content_length(environ)
+        try:
+            head = request_head(environ, method, dest.prefix + request_target(environ), mark, chunked, length)
+            body: bytes | Iterator[bytes] | None = None
+            if chunked:
+                body = _chunked_body(get_input_stream(environ))
+            elif length:
+                body = (
+                    _read_input(environ["wsgi.input"], length)
+                    if length <= SMALL_BODY
+                    else _sized_body(environ["wsgi.input"], length)
+                )
         except ClientDisconnected:
             self.on_failure("client", mark)
-            log.info("client went away while its request body was being forwarded to %s", base_url)
+            log.info("client went away while its request body was being read for %s", dest.netloc)
             return error(start_response, 400, "Proxy error: client disconnected")
-        except ReadTimeoutError:
-            self.on_failure("timeout", mark)
-            return error(
-                start_response, 504, f"Proxy error: no answer from {base.netloc} within {self.read_timeout:g}s"
-            )
-        except HTTPError as exc:
-            self.on_failure(failure_cause(exc), mark)
-            return error(start_response, 502, f"Proxy error: {describe(exc, base.netloc)}")
-        except urllib3.exceptions.LocationParseError as exc:
-            self.on_failure("url", mark)
-            return error(start_response, 502, f"Proxy error: cannot forward to {base_url!r}: {exc}")
         except ValueError as exc:
-            # http.client refuses to write a method or header name that is not a token, or a
-            # value with a line break: it checks before sending a byte. Gunicorn never lets
-            # one through, other servers may; forwarding it could only be read two ways.
+            # A method or header name that is not a token, or a value with a line break:
+            # gunicorn never lets one through, other servers may; forwarding it could only
+            # be read two ways.
             self.on_failure("invalid", mark)
             log.info("refusing to forward %r to %s: %s", method, base_url, exc)
             return error(start_response, 400, "Proxy error: request has an invalid method or header")
+        replayable = method in _IDEMPOTENT or "HTTP_IDEMPOTENCY_KEY" in environ or "HTTP_X_IDEMPOTENCY_KEY" in environ
         try:
-            headers = response_headers(response)
-        except ValueError as exc:
-            response.close()
-            response.release_conn()
-            self.on_failure("protocol", mark)
-            log.warning("%s: %s", base.netloc, exc)
-            return error(start_response, 502, f"Proxy error: {base.netloc} sent an invalid response header")
-        start_response(status_of(response), headers)
-        return relay(response)
+            conn, answer = self._exchange(dest, method, head, body, replayable)
+        except ClientDisconnected:
+            self.on_failure("client", mark)
+            log.info("client went away while its request body was being forwarded to %s", dest.netloc)
+            return error(start_response, 400, "Proxy error: client disconnected")
+        except CannotConnect as exc:
+            return self.failed(environ, start_response, 502, dest.netloc, str(exc), cause="connect", mark=mark)
+        except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO or SO_SNDTIMEO passed
+            why = f"no answer from {dest.netloc} within {self.read_timeout:g}s"
+            return self.failed(environ, start_response, 504, dest.netloc, why, cause="timeout", mark=mark)
+        except (OSError, BadAnswer) as exc:
+            why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
+            return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
+        headers = response_headers(answer.headers, tokens=answer.tokens)
+        start_response(answer.status_line(), headers)
+        return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable))
 
-    def _send(self, pool, method, target, body, headers, chunked):
-        def attempt(time_left: float):
-            return pool.urlopen(
-                method,
-                target,
-                body=body,
-                headers=headers,
-                chunked=chunked,
-                retries=False,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=False,
-                decode_content=False,
-                release_conn=False,
-                timeout=urllib3.Timeout(connect=time_left, read=self._read),
-            )
+    def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):
+        rewindable = body is None or isinstance(body, bytes)
+        if isinstance(body, bytes):
+            head, body = head + body, None
+        while True:
+            conn = self._pooled(dest)
+            if conn is None:
+                conn = Connection(self.connect(dest))
+            written = cut = False
+            try:
+                cut = not _send(conn.sock, head)
+                written = True
+                if body is not None and not cut:
+                    try:
+                        for block in body:
+                            conn.sock.sendall(block)
+                    except (BrokenPipeError, ConnectionResetError):
+                        cut = True  # it may have answered early (a 413, say) and closed: read on
+                answer = read_answer(conn.sock, method)
+                if cut:
+                    answer.keep_alive = False
+                return conn, answer
+            except _Closed as exc:
+                conn.close()
+                # The other side closed a reused connection before answering: most likely
+                # it timed out while idle just as this request went out. Nothing written
+                # (the body not read either), or an idempotent request held whole: safe.
+                if conn.reused and (not written or (replayable and rewindable)):
+                    log.debug("%s closed a kept-alive connection; sending %s again on a new one", dest.netloc, method)
+                    continue
+                raise BadAnswer("connection closed before any answer") from exc
+            except BaseException:
+                conn.close()
+                raise
 
-        return dial(attempt, self.connect_timeout)
+    def failed(
+        self,
+        environ: dict,
+        start_response,
+        code: int,
+        where: str,
+        why: str,
+        detail: str = "",
+        cause: str = "protocol",
+        mark: bool = False,
+    ) -> list[bytes]:
+        """Answer ``code`` with ``Proxy error: why``, log it (bounded), and tell
+        ``on_failure`` its ``cause`` (one of metrics.FORWARD_CAUSES); ``mark``: it went to
+        the primary."""
+        self.on_failure(cause, mark)
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "?")
+        failure_log(code, method, path[:200], where, why + (f": {detail}" if detail else ""))
+        return error(start_response, code, f"Proxy error: {why}")
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    """Send ``data``; False when the other side stopped taking it part way (read what it
+    answered, if anything). A reset or broken pipe on the first write means nothing was
+    written: raised as ``_Closed``."""
+    try:
+        sent = sock.send(data)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise _Closed() from exc
+    if sent < len(data):
+        try:
+            sock.sendall(memoryview(data)[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+    return True
+
+
+def _ignore(cause: str, to_primary: bool) -> None:
+    return None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, BadAnswer):
+        return str(exc)
+    return type(exc).__name__
+
+
+def _read_input(stream, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        try:
+            more = stream.read(length - len(data))
+        except OSError as exc:  # gunicorn's NoMoreData: the client stopped mid-body
+            raise ClientDisconnected() from exc
+        if not more:
+            raise ClientDisconnected()
+        data += more
+    return data
+
+
+def _sized_body(stream, length: int) -> Iterator[bytes]:
+    # Exactly ``length`` bytes, even when the server says its stream ends by itself
+    # (gunicorn's wsgi.input_terminated): a client that leaves mid-upload must end the
+    # forward with ClientDisconnected, not a short body the other side waits on.
+    left = length
+    while left:
+        try:
+            data = stream.read(min(left, BLOCK))
+        except OSError as exc:
+            raise ClientDisconnected() from exc
+        if not data:
+            raise ClientDisconnected()
+        left -= len(data)
+        yield data
+
+
+def _chunked_body(stream) -> Iterator[bytes]:
+    while True:
+        try:
+            chunk = stream.read(CHUNK)
+        except OSError as exc:  # gunicorn's NoMoreData: the client stopped mid-body, not the primary
+            raise ClientDisconnected() from exc
+        if not chunk:
+            yield b"0\r\n\r\n"
+            return
+        yield b"%x\r\n%s\r\n" % (len(chunk), chunk)
 
 
 def dial(attempt: Callable[[float], T], connect_timeout: float) -> T:
@@ -161,27 +672,19 @@ def refused(exc: BaseException) -> bool:
     return False
 
 
-def describe(exc: Exception, netloc: str) -> str:
+def describe(exc: BaseException, netloc: str) -> str:
     """A one-line account of a failure to reach ``netloc``, for a 502 body and the log."""
+    if isinstance(exc, CannotConnect):
+        return str(exc)
     if refused(exc):
         return f"connection refused by {netloc}"
-    if isinstance(exc, NewConnectionError):
-        return f"cannot connect to {netloc}"
-    if isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, TimeoutError)):
+    if isinstance(exc, socket.gaierror):
+        return f"cannot connect to {netloc} (unknown host)"
+    if isinstance(exc, TimeoutError):
         return f"timed out connecting to {netloc}"
     if isinstance(exc, OSError):
         return f"cannot connect to {netloc} ({exc})"
     return f"{netloc} closed the connection or sent a bad response ({type(exc).__name__})"
-
-
-def failure_cause(exc: Exception) -> str:
-    """``describe`` in one word, for metrics: ``connect`` (no connection was made) or ``protocol``."""
-    connecting = (NewConnectionError, urllib3.exceptions.ConnectTimeoutError, TimeoutError, OSError)
-    return "connect" if refused(exc) or isinstance(exc, connecting) else "protocol"
-
-
-def _ignore(cause: str, to_primary: bool) -> None:
-    return None
 
 
 def request_target(environ: dict) -> str:
@@ -196,29 +699,82 @@ def request_target(environ: dict) -> str:
     return (path or "/") + ("?" + query if query else "")
 
 
-def _connection_tokens(value: str | None) -> set[str]:
-    return {token.lower() for token in parse_list_header(value or "")}
+def _connection_tokens(value: str | None) -> set[str] | frozenset[str]:
+    if not value:
+        return frozenset()
+    if '"' not in value:  # the usual "keep-alive", "close" or "Upgrade": no quoting to undo
+        return {token.strip().lower() for token in value.split(",")} - {""}
+    return {token.lower() for token in parse_list_header(value)}
 
 
-def request_headers(environ: dict, mark: bool = False, chunked: bool = False) -> dict[str, str]:
+# Request headers never sent on: hop-by-hop ones (RFC 9110 section 7.6.1), the body's framing
+# (set again for the body as it is sent) and the hop marker (added only by ``mark``).
+_DROP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        HOP_HEADER.lower(),
+    )
+)
+
+
+def _name_of(key: str) -> tuple[str, str] | None:
+    """(header name, lower case) for an environ key, None when it is not a header to send."""
+    if key[:5] == "HTTP_":
+        if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):  # not headers: CGI's names are
+            return None
+        name = key[5:].replace("_", "-").title()
+    elif key == "CONTENT_TYPE":
+        name = "Content-Type"
+    else:
+        return None
+    lower = name.lower()
+    return None if lower in _DROP else (name, lower)
+
+
+_NAMES: dict[str, tuple[str, str] | None] = {}  # environ key: _name_of(key), for the keys seen
+
+
+def request_headers(
+    environ: dict, mark: bool = False, chunked: bool = False, length: int | None | bool = False
+) -> dict[str, str]:
     """The headers to send on: hop-by-hop ones dropped, ``X-Forwarded-*`` added, ``Host`` kept."""
-    source = EnvironHeaders(environ)
-    drop = _connection_tokens(source.get("Connection")) | {HOP_HEADER.lower(), "content-length"}
+    connection = environ.get("HTTP_CONNECTION")
+    named = _connection_tokens(connection) if connection else ()
     headers: dict[str, str] = {}
-    for name, value in source.items():
-        lower = name.lower()
-        if lower in drop or is_hop_by_hop_header(name):
+    names = _NAMES
+    for key, value in environ.items():
+        try:
+            entry = names[key]
+        except KeyError:
+            entry = _name_of(key)
+            if len(names) < 4096:  # header names are the client's to choose: bounded
+                names[key] = entry
+        if entry is None or not value and key == "CONTENT_TYPE":
+            continue
+        name, lower = entry
+        if named and lower in named:
             continue
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     if chunked:
         # A coding the body still carries (Transfer-Encoding: gzip, chunked) goes on with it:
         # dropped, the other side would take the compressed bytes for the content itself.
-        codings = [c for c in _connection_tokens(source.get("Transfer-Encoding")) if c not in ("chunked", "identity")]
-        if codings:
-            headers["Transfer-Encoding"] = ", ".join([*codings, "chunked"])
-    length = get_content_length(environ)
-    if length is not None and not chunked:
-        headers["Content-Length"] = str(length)
+        codings = [
+            c for c in _connection_tokens(environ.get("HTTP_TRANSFER_ENCODING")) if c not in ("chunked", "identity")
+        ]
+        headers["Transfer-Encoding"] = ", ".join([*codings, "chunked"])
+    else:
+        if length is False:  # not given
+            length = get_content_length(environ)
+        if length is not None:
+            headers["Content-Length"] = str(length)
     remote = environ.get("REMOTE_ADDR")
     if remote:
         prior = headers.get("X-Forwarded-For")
@@ -231,76 +787,56 @@ def request_headers(environ: dict, mark: bool = False, chunked: bool = False) ->
     return headers
 
 
-def request_body(environ: dict) -> tuple[object | None, bool]:
-    """(the body to send, whether to frame it chunked): a stream bounded by Content-Length,
-    chunks of a chunked upload, or nothing."""
-    chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
-    if chunked:
-        stream = get_input_stream(environ)
-        return _chunks(stream), True
-    length = get_content_length(environ)
-    if length:
-        # Bounded even when the server says its stream ends by itself (gunicorn's
-        # wsgi.input_terminated): a client that leaves mid-upload must end the forward with
-        # ClientDisconnected, not a short body that the primary waits on until read_timeout.
-        return LimitedStream(environ["wsgi.input"], length), False
-    return None, False
+def request_head(
+    environ: dict, method: str, target: str, mark: bool = False, chunked: bool = False, length: int | None = None
+) -> bytes:
+    """The request's head as it goes out, in one piece; ValueError when it could be read
+    two ways (a method or name that is not a token, a line break in a value)."""
+    headers = request_headers(environ, mark, chunked, length)
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+    if _REQUEST_HEAD.fullmatch(head) is None:
+        raise ValueError("not a well-formed request head")
+    return head.encode("latin-1")
 
 
-def _chunks(stream) -> Iterator[bytes]:
-    while True:
-        try:
-            chunk = stream.read(CHUNK)
-        except OSError as exc:  # gunicorn's NoMoreData: the client stopped mid-body, not the primary
-            raise ClientDisconnected() from exc
-        if not chunk:
-            return
-        yield chunk
+# Answer headers never relayed: hop-by-hop ones, and Date and Server, which the WSGI server
+# writes itself (gunicorn always does: relayed too, the client would get each twice).
+_DROP_ANSWER = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "date",
+        "server",
+    )
+)
 
 
-def response_headers(response, upgrade: bool = False) -> list[tuple[str, str]]:
-    """The answer's headers as sent (urllib3's or http.client's), each repeated header
-    (``Set-Cookie``) kept apart, hop-by-hop ones dropped; for a ``101`` (``upgrade``),
-    ``Upgrade`` and ``Connection`` are kept: gunicorn needs them to send its upgrade head.
-
-    ``Date`` and ``Server`` are left to the WSGI server, which writes its own (gunicorn
-    always does): relayed too, the client would get each twice."""
-    drop = _connection_tokens(response.headers.get("Connection")) | {"date", "server"}
-    headers = []
-    for name, value in response.headers.items():
-        lower = name.lower()
-        if upgrade and lower in ("upgrade", "connection"):
-            pass
-        elif is_hop_by_hop_header(name) or lower in drop:
-            continue
-        # http.client lets these through; the WSGI server would refuse them mid-answer.
-        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
-            raise ValueError(f"invalid response header {name!r}: {value[:64]!r}")
-        headers.append((name, value))
-    return headers
+def response_headers(
+    headers: Iterable[tuple[str, str]], upgrade: bool = False, tokens: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
+    """The answer's headers to relay, each repeated header (``Set-Cookie``) kept apart, in
+    order; hop-by-hop ones and those named in ``Connection`` dropped. For a ``101``
+    (``upgrade``), ``Upgrade`` and ``Connection`` are kept: gunicorn needs them to send its
+    upgrade head. ``tokens``: those of its ``Connection`` headers, when already known."""
+    headers = list(headers)
+    drop = _DROP_ANSWER
+    if tokens is None:
+        for name, value in headers:
+            if name.lower() == "connection":
+                drop = drop | _connection_tokens(value)
+    elif tokens:
+        drop = drop | set(tokens)
+    if upgrade:
+        drop = drop - {"upgrade", "connection"}
+    return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def status_of(response) -> str:
+def status_of(answer: Answer) -> str:
     """The answer's status line for ``start_response``."""
-    return f"{response.status} {response.reason}" if response.reason else status_line(response.status)
-
-
-def relay(response) -> Iterable[bytes]:
-    """The answer's body, streamed, releasing the connection when the server is done with it."""
-    finished = []
-
-    def chunks() -> Iterator[bytes]:
-        if response.chunked:
-            # One item per chunk as it arrives, so server-sent events are not held back.
-            yield from response.stream(CHUNK, decode_content=False)
-        else:
-            while data := response.read1(BLOCK, decode_content=False):
-                yield data
-        finished.append(True)
-
-    def release() -> None:
-        if not finished:  # the client went away, or the server failed mid-answer
-            response.close()
-        response.release_conn()
-
-    return ClosingIterator(chunks(), release)
+    return answer.status_line()

@@ -8,19 +8,27 @@ closes or the tunnel goes idle. Any other answer is relayed as an ordinary respo
 
 from __future__ import annotations
 
-import http.client
 import logging
 import selectors
 import socket
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from werkzeug.datastructures import EnvironHeaders
-from werkzeug.wsgi import ClosingIterator
 
-from .errors import error
-from .forwarding import CHUNK, Forwarder, describe, dial, request_headers, request_target, response_headers, status_of
+from .forwarding import (
+    CHUNK,
+    BadAnswer,
+    Forwarder,
+    body_of,
+    describe,
+    dial,
+    read_answer,
+    request_headers,
+    request_target,
+    response_headers,
+)
 
 log = logging.getLogger("litefs_wsgi")
 
@@ -42,38 +50,42 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
     try:
         upstream = connect(base, forwarder.connect_timeout)
     except OSError as exc:
-        return error(start_response, 502, f"Proxy error: {describe(exc, netloc)}")
+        return forwarder.failed(environ, start_response, 502, netloc, describe(exc, netloc), cause="connect")
     try:
         upstream.settimeout(forwarder.read_timeout or None)
         upstream.sendall(upgrade_request(environ, base.path))
-        # Unbuffered, so that http.client never reads past the head: the first frames a
-        # target sends right behind its 101 stay in the socket for the pipe.
-        response = http.client.HTTPResponse(_Unbuffered(upstream), method=environ["REQUEST_METHOD"])
-        response.begin()
+        # The head only: the first frames a target sends right behind its 101 stay in
+        # answer.rest, for the client.
+        answer = read_answer(upstream, environ["REQUEST_METHOD"])
     except socket.timeout:
         upstream.close()
-        return error(start_response, 504, f"Proxy error: no answer from {netloc} within {forwarder.read_timeout:g}s")
-    except (OSError, http.client.HTTPException) as exc:
+        why = f"no answer from {netloc} within {forwarder.read_timeout:g}s"
+        return forwarder.failed(environ, start_response, 504, netloc, why, cause="timeout")
+    except (OSError, BadAnswer) as exc:
         upstream.close()
-        return error(start_response, 502, f"Proxy error: {netloc} closed the connection or sent a bad answer ({exc!r})")
+        detail = str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__
+        why = f"{netloc} closed the connection or sent a bad answer ({detail})"
+        return forwarder.failed(environ, start_response, 502, netloc, why)
     try:
-        headers = response_headers(response, upgrade=response.status == 101)
+        headers = response_headers(answer.headers, upgrade=answer.status == 101)
     except ValueError as exc:
         upstream.close()
-        log.warning("%s: %s", netloc, exc)
-        return error(start_response, 502, f"Proxy error: {netloc} sent an invalid response header")
-    if response.status != 101:
-        start_response(status_of(response), headers)
-        return ClosingIterator(_body(response), upstream.close)
+        why = f"{netloc} sent an invalid response header"
+        return forwarder.failed(environ, start_response, 502, netloc, why, detail=str(exc))
+    if answer.status != 101:
+        start_response(answer.status_line(), headers)
+        return body_of(answer, upstream, lambda reusable: upstream.close())
     client = environ["gunicorn.socket"]
     # gunicorn writes the head itself (it keeps Upgrade and sends Connection: upgrade);
     # without a write before the pipe it would send its 101 head later, into the stream.
-    write = start_response(status_of(response), headers)
+    write = start_response(answer.status_line(), headers)
     # gunicorn's write is its Response's method: once the tunnel is over, the connection
     # must close, or bytes the client sent after the last frame are served as a request.
     getattr(getattr(write, "__self__", None), "force_close", lambda: None)()
     try:
         write(b"")
+        if answer.rest:
+            client.sendall(answer.rest)
     except OSError:
         upstream.close()
         raise
@@ -123,11 +135,6 @@ def upgrade_request(environ: dict, base_path: str = "") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
-    while data := response.read(CHUNK):
-        yield data
-
-
 def pipe(client: socket.socket, upstream: socket.socket, idle_timeout: float | None) -> None:
     """Copy bytes both ways until a side closes, fails, or nothing moves for ``idle_timeout``."""
     # A peer that stops reading blocks a send; past the idle limit (or, with none, a
@@ -156,13 +163,3 @@ def pipe(client: socket.socket, upstream: socket.socket, idle_timeout: float | N
 
 def _pending(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-
-
-class _Unbuffered:
-    """Hands http.client the socket without a read buffer (its ``makefile`` is all it uses)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def makefile(self, mode: str, *args, **kwargs):
-        return self._sock.makefile(mode, buffering=0)

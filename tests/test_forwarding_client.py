@@ -1,0 +1,454 @@
+"""The forwarding client against real servers on 127.0.0.1: kept-alive connections the other
+side closes, what is sent again and what never is, framing of answers, failures logged.
+
+Most tests drive ``Forwarder`` in this process with the environ a WSGI server would give
+(werkzeug's ``EnvironBuilder``) against ``Upstream``, a raw HTTP/1.1 server whose every
+connection and request is recorded; some go through the standalone proxy under gunicorn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from servers import free_port, gunicorn, proxy_config, standalone_proxy, wait_until
+from test_faults import read_all
+from werkzeug.test import EnvironBuilder
+
+from litefs_wsgi.forwarding import FailureLog, Forwarder
+from litefs_wsgi.testing import LiteFSMount
+
+pytestmark = pytest.mark.timeout(120)
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Upstream:
+    """A raw HTTP/1.1 server. ``answer(request, n)`` gives the bytes to send for the ``n``-th
+    request (from 1) on its connection, or None to close that connection without answering.
+    ``requests`` records (connection number, method, path, body) of each complete request;
+    with ``idle_close``, a connection idle that long after an answer is closed and the
+    ``closed_idle`` counter goes up."""
+
+    def __init__(self, answer: Callable[[dict, int], bytes | None] | None = None, idle_close: float = 0) -> None:
+        self.answer = answer or (lambda request, n: OK)
+        self.idle_close = idle_close
+        self.requests: list[tuple[int, str, str, bytes]] = []
+        self.connections = 0
+        self.closed_idle = 0
+        self._lock = threading.Condition()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.connections += 1
+                number = self.connections
+            threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        buf = b""
+        with conn:
+            for n in range(1, 1000):
+                conn.settimeout(self.idle_close if n > 1 and self.idle_close else 20)
+                try:
+                    while b"\r\n\r\n" not in buf:
+                        more = conn.recv(65536)
+                        if not more:
+                            return
+                        buf += more
+                except TimeoutError:
+                    with self._lock:
+                        self.closed_idle += 1
+                        self._lock.notify_all()
+                    return
+                conn.settimeout(20)
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                line, *fields = head.decode("latin-1").split("\r\n")
+                headers = {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+                method, path, _ = line.split(" ")
+                request = {"method": method, "path": path, "headers": headers}
+                if headers.get("expect", "").lower() == "100-continue":
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                length = int(headers.get("content-length", 0))
+                while len(buf) < length:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                body, buf = buf[:length], buf[length:]
+                with self._lock:
+                    self.requests.append((number, method, path, body))
+                    self._lock.notify_all()
+                data = self.answer(request, n)
+                if data is None:
+                    return  # closed without a byte of an answer
+                close = isinstance(data, tuple)  # (bytes, "close"): send them, then close
+                conn.sendall(data[0] if close else data)
+                if close:
+                    return
+
+
+@pytest.fixture
+def upstream_factory() -> Iterator[Callable[..., Upstream]]:
+    made: list[Upstream] = []
+
+    def make(*args, **kwargs) -> Upstream:
+        made.append(Upstream(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+def forward(forwarder: Forwarder, url: str, method: str = "GET", path: str = "/", body: bytes | None = None, **kw):
+    """Forward one request as a WSGI server would hand it over: (status, headers, body)."""
+    environ = EnvironBuilder(method=method, path=path, data=body, **kw).get_environ()
+    environ["REMOTE_ADDR"] = "127.0.0.1"
+    started = {}
+
+    def start_response(status, headers, exc_info=None):
+        started.update(status=status, headers=headers)
+
+    result = forwarder.forward(environ, start_response, url)
+    try:
+        data = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return int(started["status"].split()[0]), started["headers"], data
+
+
+def pooled(forwarder: Forwarder) -> list:
+    return [conn for idle in forwarder._idle.values() for conn in idle]
+
+
+# -- a kept-alive connection the other side closed while it was idle ---------------------------
+
+
+def test_connection_closed_while_idle_is_not_used(upstream_factory):
+    upstream = upstream_factory(idle_close=0.2)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    assert forward(forwarder, upstream.url, "POST", "/first", b"x")[0] == 200
+    assert len(pooled(forwarder)) == 1
+    wait_until(lambda: upstream.closed_idle == 1, 20, "the upstream to close the idle connection")
+    # A write on it: it must not be a 502, and it must arrive once.
+    status, _, body = forward(forwarder, upstream.url, "POST", "/second", b"y")
+    assert (status, body) == (200, b"ok")
+    assert [(n, path, data) for n, _, path, data in upstream.requests] == [(1, "/first", b"x"), (2, "/second", b"y")]
+
+
+def test_gunicorn_closing_idle_keep_alive_connections(tmp_path):
+    """gunicorn closes a client's keep-alive connection after ``--keep-alive`` seconds idle."""
+    log = tmp_path / "requests.log"
+    app = tmp_path / "keepalive_app.py"
+    app.write_text(
+        "def app(environ, start_response):\n"
+        f"    with open({str(log)!r}, 'a') as f:\n"
+        "        f.write(environ['REQUEST_METHOD'] + ' ' + environ['PATH_INFO'] + '\\n')\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n"
+        "    return [b'ok']\n"
+    )
+    args = [
+        "-k",
+        "gthread",
+        "-w",
+        "1",
+        "--threads",
+        "2",
+        "--keep-alive",
+        "1",
+        "--chdir",
+        str(tmp_path),
+        "keepalive_app:app",
+    ]
+    with gunicorn(args, cwd=str(tmp_path)) as (url, _proc):
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        for n in range(3):
+            assert forward(forwarder, url, "PUT", f"/w{n}", b"data")[0] == 200
+            (conn,) = pooled(forwarder)
+            # Wait for gunicorn's FIN to reach the pooled connection: it is closed.
+            assert select.select([conn.sock], [], [], 20)[0], "gunicorn never closed the idle connection"
+        assert forward(forwarder, url, "DELETE", "/last")[0] == 200
+    assert log.read_text().splitlines() == ["PUT /w0", "PUT /w1", "PUT /w2", "DELETE /last"]
+
+
+def test_standalone_proxy_survives_the_target_closing_idle_connections(tmp_path, upstream_factory):
+    upstream = upstream_factory(idle_close=0.2)
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    with standalone_proxy(proxy_config(tmp_path, mount, f"127.0.0.1:{upstream.port}"), threads=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for n in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+                client.sendall(
+                    f"POST /w{n} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx".encode()
+                )
+                answer = read_all(client)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+            wait_until(lambda n=n: upstream.closed_idle == n + 1, 20, "the target to close the idle connection")
+    assert [path for _, _, path, _ in upstream.requests] == ["/w0", "/w1", "/w2"]
+
+
+# -- what is sent again when a reused connection is closed before any answer ----------------
+
+
+def drop_second(request: dict, n: int) -> bytes | None:
+    """Answer the first request on a connection; close on the second without answering, as a
+    server does whose idle timeout fired just as the request arrived."""
+    return OK if n == 1 else None
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "headers", "sent_again"),
+    [
+        ("GET", None, {}, True),
+        ("HEAD", None, {}, True),
+        ("OPTIONS", None, {}, True),
+        ("DELETE", None, {}, False),
+        ("POST", b"small", {}, False),
+        ("PUT", b"small", {}, False),
+        ("POST", b"small", {"Idempotency-Key": "k1"}, True),
+        ("POST", b"big" * 40000, {"Idempotency-Key": "k1"}, False),  # over 64 KiB: streamed, not held
+    ],
+)
+def test_reused_connection_closed_before_the_answer(upstream_factory, method, body, headers, sent_again):
+    upstream = upstream_factory(drop_second)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    assert forward(forwarder, upstream.url, "GET", "/warm")[0] == 200
+    status, _, data = forward(forwarder, upstream.url, method, "/again", body, headers=headers)
+    tries = [(n, m) for n, m, path, _ in upstream.requests if path == "/again"]
+    if sent_again:  # Go's Transport would: an idempotent request, its body held whole or none
+        assert status == 200 and data == (b"" if method == "HEAD" else b"ok")
+        assert tries == [(1, method), (2, method)]
+    else:  # its bytes reached the other side, which may have acted on them: never twice
+        assert status == 502
+        assert data.startswith(b"Proxy error: 127.0.0.1:")
+        assert tries == [(1, method)]
+
+
+def test_new_connection_closed_before_the_answer_is_not_sent_again(upstream_factory):
+    upstream = upstream_factory(lambda request, n: None)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    status, _, data = forward(forwarder, upstream.url, "GET", "/once")
+    assert status == 502
+    assert (
+        data
+        == f"Proxy error: 127.0.0.1:{upstream.port} closed the connection or sent a bad response "
+        "(connection closed before any answer)\n".encode()
+    )
+    assert len(upstream.requests) == 1
+
+
+def test_connection_closed_after_part_of_the_answer_is_not_sent_again(upstream_factory):
+    upstream = upstream_factory(lambda request, n: OK if n == 1 else (b"HTTP/1.1 200 OK\r\nContent-Le", "close"))
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    assert forward(forwarder, upstream.url, "GET", "/warm")[0] == 200
+    assert forward(forwarder, upstream.url, "GET", "/cut")[0] == 502
+    assert [path for _, _, path, _ in upstream.requests] == ["/warm", "/cut"]
+
+
+# -- framing of answers ----------------------------------------------------------------------
+
+
+def by_path(answers: dict[str, bytes]) -> Callable[[dict, int], bytes]:
+    return lambda request, n: answers[request["path"]]
+
+
+def test_answers_without_a_body_keep_the_connection_in_step(upstream_factory):
+    upstream = upstream_factory(
+        by_path(
+            {
+                "/head": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nX-A: 1\r\n\r\n",
+                "/204": b"HTTP/1.1 204 No Content\r\nX-A: 2\r\n\r\n",
+                "/304": b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\nETag: "e"\r\n\r\n',
+                "/after": OK,
+            }
+        )
+    )
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    status, headers, body = forward(forwarder, upstream.url, "HEAD", "/head")
+    assert (status, body) == (200, b"")
+    assert ("Content-Length", "1000") in headers
+    assert forward(forwarder, upstream.url, "GET", "/after")[::2] == (200, b"ok")
+    assert forward(forwarder, upstream.url, "GET", "/204")[::2] == (204, b"")
+    assert forward(forwarder, upstream.url, "GET", "/after")[::2] == (200, b"ok")
+    status, headers, body = forward(forwarder, upstream.url, "GET", "/304", headers={"If-None-Match": '"e"'})
+    assert (status, body) == (304, b"")
+    assert ("ETag", '"e"') in headers
+    assert forward(forwarder, upstream.url, "GET", "/after")[::2] == (200, b"ok")
+    # All on one connection: no answer's missing body was taken from the next one.
+    assert {n for n, *_ in upstream.requests} == {1}
+
+
+def test_chunked_answer_with_extensions_and_trailers(upstream_factory):
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+    )
+    upstream = upstream_factory(by_path({"/chunked": chunked, "/after": OK}))
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    status, headers, body = forward(forwarder, upstream.url, "GET", "/chunked")
+    assert (status, body) == (200, b"hello world")
+    names = {name.lower() for name, _ in headers}
+    assert not names & {"transfer-encoding", "trailer", "x-sum"}  # the WSGI server frames it anew
+    assert forward(forwarder, upstream.url, "GET", "/after")[::2] == (200, b"ok")
+    assert {n for n, *_ in upstream.requests} == {1}
+
+
+def test_interim_100_continue_is_not_relayed(upstream_factory):
+    upstream = upstream_factory()  # sends 100 Continue to a request that expects it
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    status, headers, body = forward(
+        forwarder, upstream.url, "POST", "/upload", b"payload", headers={"Expect": "100-continue"}
+    )
+    assert (status, body) == (200, b"ok")
+    assert upstream.requests[0][3] == b"payload"
+
+
+def test_bytes_after_the_answer_end_its_connection(upstream_factory):
+    upstream = upstream_factory(lambda request, n: OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    assert forward(forwarder, upstream.url, "GET", "/a")[::2] == (200, b"ok")
+    assert forward(forwarder, upstream.url, "GET", "/b")[::2] == (200, b"ok")  # not "stray"
+    assert [n for n, *_ in upstream.requests] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF line ends
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nBad Name: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+)
+def test_answer_with_ambiguous_framing_is_a_502_at_once(upstream_factory, answer):
+    upstream = upstream_factory(lambda request, n: answer)  # and keeps the connection open
+    forwarder = Forwarder(connect_timeout=5, read_timeout=60)
+    status, headers, body = forward(forwarder, upstream.url, "GET", "/")
+    assert status == 502, body  # not a 504 after read_timeout: refused as it arrived
+    assert body.startswith(f"Proxy error: 127.0.0.1:{upstream.port} closed the connection or sent a bad".encode())
+
+
+def test_expect_100_continue_through_the_standalone_proxy(tmp_path, upstream_factory):
+    upstream = upstream_factory()
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    with standalone_proxy(proxy_config(tmp_path, mount, f"127.0.0.1:{upstream.port}"), threads=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            client.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += client.recv(65536)
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+            client.sendall(b"body")
+            client.shutdown(socket.SHUT_WR)
+            answer = interim + read_all(client)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"100", b"200"], answer
+    assert answer.endswith(b"\r\n\r\nok")
+    assert [(path, body) for _, _, path, body in upstream.requests] == [("/up", b"body")]
+
+
+# -- failed forwards are logged, boundedly ---------------------------------------------------
+
+
+def test_failed_forward_to_a_dead_port_is_logged(caplog):
+    port = free_port()  # nothing listens there
+    forwarder = Forwarder(connect_timeout=0.3, read_timeout=10)
+    with caplog.at_level(logging.WARNING, logger="litefs_wsgi"), _fresh_failure_log():
+        status, _, body = forward(forwarder, f"http://127.0.0.1:{port}", "POST", "/orders/7", b"x")
+    assert (status, body) == (502, f"Proxy error: connection refused by 127.0.0.1:{port}\n".encode())
+    (record,) = [r for r in caplog.records if r.name == "litefs_wsgi" and r.levelno == logging.WARNING]
+    message = record.getMessage()
+    for part in ("POST", "/orders/7", f"127.0.0.1:{port}", "502", "connection refused"):
+        assert part in message, message
+
+
+def test_silent_upstream_is_logged_as_a_504(caplog, upstream_factory):
+    release = threading.Event()
+    upstream = upstream_factory(lambda request, n: OK if release.wait(20) else None)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=0.3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="litefs_wsgi"):
+            status, _, body = forward(forwarder, upstream.url, "GET", "/slow")
+    finally:
+        release.set()
+    assert (status, body) == (504, f"Proxy error: no answer from 127.0.0.1:{upstream.port} within 0.3s\n".encode())
+    assert any("GET /slow" in r.getMessage() and "504" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_primary_cannot_flood_the_log(caplog):
+    port = free_port()
+    forwarder = Forwarder(connect_timeout=0, read_timeout=10)
+    with caplog.at_level(logging.WARNING, logger="litefs_wsgi"), _fresh_failure_log():
+        for n in range(50):
+            assert forward(forwarder, f"http://127.0.0.1:{port}", "POST", f"/w{n}", b"x")[0] == 502
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(lines) <= 5
+    assert "/w0" in lines[0]
+
+
+def test_failure_log_says_how_many_it_left_out():
+    now = [0.0]
+    failures = FailureLog(burst=2, period=60, clock=lambda: now[0])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("litefs_wsgi")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        for n in range(10):
+            failures(502, "POST", f"/w{n}", "primary:8080", "connection refused by primary:8080")
+        now[0] = 61.0
+        failures(502, "POST", "/later", "primary:8080", "connection refused by primary:8080")
+        failures(502, "GET", "/other", "target:8081", "connection refused by target:8081")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 4
+    assert "/w0" in messages[0] and "/w1" in messages[1]
+    assert "/later" in messages[2] and "8 more failed forwards to primary:8080 not logged" in messages[2]
+    assert "/other" in messages[3] and "more" not in messages[3]
+
+
+@contextlib.contextmanager
+def _fresh_failure_log():
+    """The process-wide failure log, emptied for the block (other tests failed forwards too)."""
+    from litefs_wsgi import forwarding
+
+    saved = forwarding.failure_log
+    forwarding.failure_log = FailureLog()
+    try:
+        yield
+    finally:
+        forwarding.failure_log = saved
