@@ -66,12 +66,7 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
         detail = str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__
         why = f"{netloc} closed the connection or sent a bad answer ({detail})"
         return forwarder.failed(environ, start_response, 502, netloc, why)
-    try:
-        headers = response_headers(answer.headers, upgrade=answer.status == 101)
-    except ValueError as exc:
-        upstream.close()
-        why = f"{netloc} sent an invalid response header"
-        return forwarder.failed(environ, start_response, 502, netloc, why, detail=str(exc))
+    headers = response_headers(answer.headers, upgrade=answer.status == 101)
     if answer.status != 101:
         start_response(answer.status_line(), headers)
         return body_of(answer, upstream, lambda reusable: upstream.close())
