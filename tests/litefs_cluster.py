@@ -485,9 +485,6 @@ def _no_control_socket() -> list[str]:
     return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
 
 
-_NO_CONTROL_SOCKET = _no_control_socket()
-
-
 class NodeApp:
     """``tests/litefs_app.py`` under gunicorn for one node: the bare app on ``raw_port``, the
     app inside LiteFSMiddleware on ``app_port`` (options from ``options``, as LITEFS_PROXY_*)
@@ -527,7 +524,7 @@ class NodeApp:
         binds = [arg for port in ports for arg in ("--bind", f"127.0.0.1:{port}")]
         command = [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread", "-w", "1"]
         command += ["--threads", str(self.threads), "--timeout", "120", "--graceful-timeout", "5"]
-        command += ["--keep-alive", "5", *_NO_CONTROL_SOCKET, "litefs_app:application"]
+        command += ["--keep-alive", "5", *_no_control_socket(), "litefs_app:application"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 command, cwd=TESTS, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
