@@ -8,7 +8,7 @@ from typing import NamedTuple
 # LiteFS checks the length is 16, then strconv.ParseUint(s, 16, 64): ASCII hex digits only.
 # Python's int(s, 16) alone would also take "0x", signs, "_", spaces and non-ASCII digits.
 _TXID = re.compile(r"[0-9a-fA-F]{16}")
-_POS = re.compile(rb"([0-9a-f]{16})/([0-9a-f]{16})\n")
+_LOWER_HEX = b"0123456789abcdef"
 
 
 class Pos(NamedTuple):
@@ -34,10 +34,13 @@ def format_txid(txid: int) -> str:
 
 def parse_pos(data: bytes) -> Pos | None:
     """Parse a ``-pos`` file (``%016x/%016x\\n``); None when it is torn, empty or garbage."""
-    match = _POS.fullmatch(data)
-    if match is None:
+    # Read on every write: checked with bytes methods, which cost a fraction of a regex.
+    if len(data) != 34 or data[16] != 0x2F or data[33] != 0x0A:
         return None
-    return Pos(int(match[1], 16), int(match[2], 16))
+    txid, checksum = data[:16], data[17:33]
+    if txid.strip(_LOWER_HEX) or checksum.strip(_LOWER_HEX):
+        return None
+    return Pos(int(txid, 16), int(checksum, 16))
 
 
 def format_pos(pos: Pos) -> bytes:
