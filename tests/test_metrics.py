@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -278,6 +279,27 @@ def test_forward_failures_by_cause(replica, mount):
         finally:
             release.set()
     assert counts.moved() == {"forward": 1, "primary:timeout": 1}
+
+    # The primary accepts the connection, reads the request, and closes without an answer.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(20)
+
+        def hang_up():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(20)
+                conn.recv(65536)
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        closing = LiteFSMiddleware(
+            ok, mount_dir=replica.path, primary_url=f"http://{{hostname}}:{listener.getsockname()[1]}", **options
+        )
+        assert Client(closing, use_cookies=False).post("/items").status_code == 502
+        thread.join(20)
+    assert counts.moved() == {"forward": 1, "primary:protocol": 1}
 
     # The standalone proxy's own target, down.
     from litefs_wsgi.proxy import make_application
