@@ -42,7 +42,8 @@ class ReplayOnPrimaryMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request, exception):
-        if isinstance(exception, ReplayOnPrimary) or should_replay(request.environ, exception):
+        # getattr: an ASGI request has no WSGI environ (and no LiteFSMiddleware around it).
+        if isinstance(exception, ReplayOnPrimary) or should_replay(getattr(request, "environ", {}), exception):
             from django.http import HttpResponse
 
             response = HttpResponse(ReplayOnPrimary.description, status=503, content_type="text/plain")

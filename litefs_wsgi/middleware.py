@@ -270,8 +270,8 @@ class LiteFSMiddleware:
                 if now - self._far_ahead_logged >= FAR_AHEAD_LOG_EVERY:
                     self._far_ahead_logged = now
                     log.warning(
-                        "a __txid cookie asks for %s at TXID %d, %d ahead of this node: forged or stale?"
-                        " (logged at most once a minute)",
+                        "a __txid cookie (or txid_header) asks for %s at TXID %d, %d ahead of this node:"
+                        " forged or stale? (logged at most once a minute)",
                         db,
                         target,
                         target - txid,
