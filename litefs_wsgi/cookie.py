@@ -70,6 +70,7 @@ class TxidCookie:
         self.expiry = expiry
         self.secret = secret.encode("utf-8") if secret else None
         self._parsed: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}
+        self._parsed_values: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}  # txid_header's
 
     def read(self, environ: Mapping) -> Mapping[str, int] | None:
         """The TXIDs the client's ``__txid`` cookie asks for, by database (a read-only
@@ -92,7 +93,12 @@ class TxidCookie:
 
     def parse(self, value: str | None) -> Mapping[str, int] | None:
         """The TXIDs a ``__txid`` value asks for, checked as ``read`` checks the cookie's."""
-        targets, expires = self._parse(value)
+        parsed = self._parsed_values.get(value)  # each distinct value parsed once, as in read
+        if parsed is None:
+            if len(self._parsed_values) >= _PARSED_MAX:
+                self._parsed_values.clear()
+            parsed = self._parsed_values[value] = self._parse(value)
+        targets, expires = parsed
         if expires is not None and expires < time.time():
             return None
         return targets
