@@ -14,7 +14,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="litefs-wsgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the standalone proxy under gunicorn")
+    serve = commands.add_parser(
+        "serve",
+        help="run the standalone proxy under gunicorn",
+        description="Run the standalone proxy under gunicorn, with litefs_wsgi.gunicorn_conf's settings. "
+        "Any other option is gunicorn's (e.g. --timeout 90, --access-logfile /var/log/proxy.log); "
+        "GUNICORN_CMD_ARGS is read as gunicorn reads it. Precedence: the settings, then "
+        "GUNICORN_CMD_ARGS, then the command line.",
+    )
     serve.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
     serve.add_argument("--bind", help="address to listen on (default: proxy.addr)")
     serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
@@ -27,14 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--api-url", help="LiteFS HTTP API, e.g. http://localhost:20202")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
-    from . import demo
+    from . import __version__, demo
 
     demo.add_arguments(commands.add_parser("demo", help="run a primary and a replica on 127.0.0.1"))
+    parser.add_argument("--version", action="version", version=f"litefs-wsgi {__version__}")
 
-    args = parser.parse_args(argv)
+    args, gunicorn_args = parser.parse_known_args(argv)
+    if gunicorn_args and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(gunicorn_args)}")
     try:
         if args.command == "serve":
-            return run_serve(args)
+            return run_serve(args, gunicorn_args)
         if args.command == "status":
             return run_status(args)
         return demo.run(args)
@@ -43,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, gunicorn_args: list[str] = ()) -> int:
+    """gunicorn with ``gunicorn_conf``'s settings, then ``GUNICORN_CMD_ARGS``, then
+    ``gunicorn_args`` (the options ``serve`` does not own), then ``--bind/--workers/--threads``."""
     for name, value in (
         ("LITEFS_WSGI_CONFIG", args.config),
         ("GUNICORN_BIND", args.bind),
@@ -52,24 +64,47 @@ def run_serve(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             os.environ[name] = str(value)
-    from gunicorn.app.base import BaseApplication
+    from gunicorn.app.base import Application
+    from gunicorn.config import Config as GunicornConfig
 
     from . import gunicorn_conf  # checks every option now: a bad one stops here, named
 
-    class ProxyServer(BaseApplication):
-        """gunicorn with the settings of ``gunicorn_conf``, serving the standalone proxy."""
+    cfg = GunicornConfig(prog="litefs-wsgi serve")
+    parser = cfg.parser()
+    layers = []  # (where, options) in gunicorn's order: its environment, then its command line
+    for where, given in (("GUNICORN_CMD_ARGS", cfg.get_cmd_args_from_env()), ("the command line", gunicorn_args)):
+        options = vars(parser.parse_args(list(given)))  # an unknown option exits 2 with gunicorn's usage
+        if options.pop("args"):
+            raise ConfigError(f"{where}: serve runs litefs_wsgi.proxy:application; it takes no app module")
+        layers.append(options)
+    gunicorn_file = layers[1].pop("config") or layers[0].pop("config", None)
+    layers[0].pop("config", None)
+    own = {"bind": args.bind, "workers": args.workers, "threads": args.threads}
+
+    class ProxyServer(Application):
+        """gunicorn with ``gunicorn_conf``'s settings, then a gunicorn ``-c`` file if one is
+        given, then ``GUNICORN_CMD_ARGS``, the command line, and serve's own options."""
+
+        def init(self, parser, opts, args):  # never called: load_config is ours
+            raise NotImplementedError
 
         def load_config(self) -> None:
             for name in self.cfg.settings:
                 if name != "wsgi_app" and hasattr(gunicorn_conf, name):
                     self.cfg.set(name, getattr(gunicorn_conf, name))
+            if gunicorn_file:
+                self.load_config_from_file(gunicorn_file)
+            for options in (*layers, own):
+                for name, value in options.items():
+                    if value is not None:
+                        self.cfg.set(name.lower(), value)
 
         def load(self):
             from . import proxy
 
             return proxy.application  # built in each worker, after post_fork sized its pool
 
-    ProxyServer().run()
+    ProxyServer(prog="litefs-wsgi serve").run()
     return 0
 
 

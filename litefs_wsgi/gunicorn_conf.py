@@ -1,8 +1,11 @@
 """gunicorn settings for the standalone proxy (``litefs_wsgi.proxy:application``).
 
-Used by ``gunicorn -c gunicorn.conf.py`` at the repository root and by ``litefs-wsgi serve``.
-The proxy's own options come from the litefs.yml-style file in ``LITEFS_WSGI_CONFIG`` and
-``LITEFS_PROXY_*`` variables; they are checked here, before any worker starts.
+Use them from any directory with ``gunicorn -c python:litefs_wsgi.gunicorn_conf`` (the
+installed module; no file to copy), or through ``litefs-wsgi serve``, which runs the same
+settings. The proxy's own options come from the litefs.yml-style file in
+``LITEFS_WSGI_CONFIG`` and ``LITEFS_PROXY_*`` variables; they are checked here, before any
+worker starts. gunicorn's own options given on its command line or in ``GUNICORN_CMD_ARGS``
+win over the settings below.
 """
 
 import importlib.util
@@ -55,7 +58,9 @@ keepalive = 5
 # One access-log line per request on stdout, errors on stderr.
 accesslog = "-"
 errorlog = "-"
-loglevel = "debug" if _config.debug else "info"
+# gunicorn's own log stays at info: the proxy's `debug` option is about routing decisions,
+# which it logs itself (on stderr, "litefs-wsgi: ..."); use --log-level for gunicorn's.
+loglevel = "info"
 
 
 # Metrics at proxy.metrics-path add up over the workers with prometheus_client's multiprocess

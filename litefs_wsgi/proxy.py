@@ -1,7 +1,7 @@
 """The standalone proxy: every request goes to ``target`` behind LiteFS's rules.
 
-Served by gunicorn's threaded workers: ``gunicorn -c gunicorn.conf.py`` from the repository
-root, or ``litefs-wsgi serve``. Options come from the litefs.yml-style file named in
+Served by gunicorn's threaded workers: ``gunicorn -c python:litefs_wsgi.gunicorn_conf`` from
+any directory, or ``litefs-wsgi serve``. Options come from the litefs.yml-style file named in
 ``LITEFS_WSGI_CONFIG`` and from ``LITEFS_PROXY_*`` variables.
 """
 
@@ -65,7 +65,7 @@ class MetricsPath:
 
 def make_application(config: Config | None = None, pool_size: int | None = None) -> LiteFSMiddleware | MetricsPath:
     """Build the proxy; ``pool_size`` defaults to ``LITEFS_WSGI_POOL_SIZE`` (set by
-    gunicorn.conf.py to the worker's thread count), else 10. With ``metrics_path``, the
+    ``litefs_wsgi.gunicorn_conf`` to the worker's thread count), else 10. With ``metrics_path``, the
     middleware sits behind MetricsPath."""
     config = config if config is not None else Config.load()
     if not config.target:

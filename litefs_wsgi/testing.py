@@ -20,7 +20,9 @@ def _checksum(txid: int) -> int:
 
 
 class LiteFSMount:
-    """A directory holding LiteFS's control files in LiteFS's formats (SPEC.md section 1).
+    """A directory holding LiteFS's control files in LiteFS's formats: ``DB-pos``
+    (``%016x/%016x\\n``, TXID and checksum), ``.primary`` (the primary's hostname, on a
+    replica only) and ``.lag`` (``%+010d\\n`` milliseconds).
 
     .. code-block:: python
 

@@ -1,7 +1,21 @@
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
 from litefs_cluster import Cluster, NodeApp, create_schema, unusable_reason
 
 from litefs_wsgi.testing import LiteFSMount
+
+# The long fuzz run: HYPOTHESIS_PROFILE=fuzz python -m pytest tests/test_fuzz.py (README,
+# "Reliability"). The normal suite keeps each test's own small count.
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES") or 100_000),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,  # every run draws new inputs instead of replaying the last run's
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "default")
 
 
 @pytest.fixture

@@ -28,8 +28,20 @@ from litefs_wsgi.cookie import TxidCookie
 from litefs_wsgi.node import Node, valid_hostname
 from litefs_wsgi.txid import Pos, format_pos, parse_pos
 
-pytestmark = pytest.mark.timeout(120)
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"  # the long run: see tests/conftest.py
+pytestmark = pytest.mark.timeout(0 if FUZZING else 120)
+
+
+def examples(count: int, share: int = 1) -> settings:
+    """``count`` examples in the normal suite; in the long run the fuzz profile's count (10^5 by
+    default), divided by ``share`` for a test that costs a socket and a server per input."""
+    if FUZZING:
+        profile = settings.get_profile("fuzz")
+        return settings(profile, max_examples=max(1, profile.max_examples // share))
+    return settings(max_examples=count, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+FUZZ = examples(150)
 
 # Every status the middleware documents, plus what the app or the primary answers (200, or
 # 400 for a request the primary's server refuses, or one whose body is short).
@@ -144,10 +156,21 @@ header_names = st.text(st.sampled_from("abcXYZ019-_ .:;é\t"), min_size=1, max_s
 signed = st.builds(lambda t: TxidCookie(["app.db"], 300, SECRET).header({"app.db": t}, False), txids).map(
     lambda header: header.split(";", 1)[0]
 )
+
+
+def _mutate(cookie: str, where: int, char: str, cut: bool) -> str:
+    """One character of a cookie replaced (or the cookie cut there): a tampered signed cookie."""
+    where %= len(cookie)
+    return cookie[:where] if cut else cookie[:where] + char + cookie[where + 1 :]
+
+
 cookies = st.one_of(
     st.builds(lambda t: f"__txid={t:016x}", txids),
     st.builds(lambda t: f"__txid={t:016x}", st.integers(0, 8)),
     signed,
+    st.builds(_mutate, signed, st.integers(7, 200), st.characters(min_codepoint=0, max_codepoint=255), st.booleans()),
+    # The signed format's shape, TXIDs.expiry.signature, with anything in each part.
+    st.builds(lambda a, b, c: f"__txid={a}.{b}.{c}", values, values, values),
     st.builds(lambda v: f"__txid={v}", values),
     st.builds(lambda a, b: f"{a}; __txid={b}; __txid=0000000000000001", values, values),
     values,
@@ -215,11 +238,13 @@ def primary_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def middlewares(mount_dir, primary_url) -> list[LiteFSMiddleware]:
+    # The long run looks for exceptions, not for timing: its waits are as short as can be.
+    wait = 0.002 if FUZZING else 0.05
     quick = dict(
         db="app.db",
         mount_dir=mount_dir,
-        poll_timeout=0.05,
-        primary_redirect_timeout=0.05,
+        poll_timeout=wait,
+        primary_redirect_timeout=wait,
         connect_timeout=0,
         read_timeout=10,
         passthrough=["/static/*"],
@@ -230,7 +255,9 @@ def middlewares(mount_dir, primary_url) -> list[LiteFSMiddleware]:
     return [
         LiteFSMiddleware(_app, forward="http", **quick),
         LiteFSMiddleware(_app, forward="fly-replay", cookie_secret=SECRET, max_lag=1, **quick),
-        LiteFSMiddleware(_app, forward="http", cookie_secret=SECRET, max_waiters=1, max_lag=0, **quick),
+        LiteFSMiddleware(
+            _app, forward="http", cookie_secret=SECRET, max_waiters=1, max_lag=0, require_mount=True, **quick
+        ),
     ]
 
 
@@ -252,6 +279,16 @@ def test_middleware_answers_only_documented_statuses(mount_dir, middlewares, whi
     assert b"Traceback" not in body
     if code != 200 and body != b"app":
         assert body.startswith((b"Proxy", b"Replication lag exceeded", b"<!doctype html>")), body
+
+
+@examples(300)
+@given(header=cookies | values, secret=st.sampled_from([None, SECRET, "é secret", "x"]), dbs=st.integers(1, 3))
+def test_reading_a_cookie_never_raises(header, secret, dbs):
+    names = ["app.db", "b.db", "c.db"][:dbs]
+    read = TxidCookie(names, 300, secret).read({"HTTP_COOKIE": header})
+    assert read is None or (
+        set(read) == set(names) and all(0 <= t < 2**64 for t in read.values()) and any(read.values())
+    )
 
 
 # -- the same through gunicorn: bytes on a socket ----------------------------------------------
@@ -289,7 +326,7 @@ def gunicorn_proxy(tmp_path_factory, primary_url) -> Iterator[str]:
         yield url
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(60, share=10)
 @given(head=raw_heads, body=st.binary(max_size=64))
 def test_proxy_under_gunicorn_never_answers_500(gunicorn_proxy, head, body):
     from test_faults import exchange
