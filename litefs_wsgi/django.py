@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from django.apps import AppConfig
+
+from .config import Config, ConfigError
 from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary
 from .readonly import should_replay
 
@@ -17,15 +21,77 @@ def get_wsgi_application(**options: Any) -> LiteFSMiddleware:
         application = get_wsgi_application()
 
     Options come from the ``LITEFS`` setting (a dict, e.g. ``{"db": "db.sqlite3"}``);
-    keyword arguments given here win.
+    keyword arguments given here win. A bad one raises ConfigError naming
+    ``settings.LITEFS[...]``; with ``LiteFSConfig`` in ``INSTALLED_APPS``, ``manage.py check``
+    reports it too.
     """
     from django.conf import settings
     from django.core.wsgi import get_wsgi_application as django_application
 
     app = django_application()
-    merged = dict(getattr(settings, "LITEFS", {}))
-    merged.update(options)
-    return LiteFSMiddleware(app, **merged)
+    litefs = setting(settings)
+    try:
+        return LiteFSMiddleware(app, **{**litefs, **options})
+    except ConfigError as exc:
+        raise _named(exc, litefs, options) from None
+
+
+def setting(settings) -> dict[str, Any]:
+    """The ``LITEFS`` setting: a dict of options by name (none when it is not set)."""
+    litefs = getattr(settings, "LITEFS", {})
+    if not isinstance(litefs, Mapping):
+        raise ConfigError(f"settings.LITEFS: expected a dict of options such as {{'db': 'db.sqlite3'}}, got {litefs!r}")
+    return dict(litefs)
+
+
+def _named(exc: ConfigError, litefs: Mapping[str, Any], given: Mapping[str, Any]) -> ConfigError:
+    """``exc`` naming ``settings.LITEFS`` where the bad value or the unknown option came from it."""
+    text = str(exc)
+    name = text.partition(":")[0]
+    if name in litefs and name not in given:
+        return ConfigError(f"settings.LITEFS[{name!r}]{text[len(name) :]}")
+    if text.startswith("unknown option ") and text.split("'")[1] in litefs:
+        return ConfigError(f"settings.LITEFS: {text}")
+    if name == "db" and "db" not in litefs and "db" not in given and text.startswith("db: name"):
+        return ConfigError(
+            "settings.LITEFS: no 'db': name the database file in the LiteFS mount, e.g. "
+            "LITEFS = {'db': 'db.sqlite3'} (or LITEFS_PROXY_DB)"
+        )
+    return exc
+
+
+def check_settings(app_configs=None, **kwargs) -> list:
+    """Django system check: a bad ``LITEFS`` setting is an error of ``manage.py check`` (and of
+    runserver, migrate...), found before the first request rather than at it."""
+    from django.conf import settings
+    from django.core.checks import Error
+
+    litefs: dict[str, Any] = {}
+    try:
+        litefs = setting(settings)
+        Config.load(**litefs)
+    except ConfigError as exc:
+        message = str(_named(exc, litefs, {}))
+        return [
+            Error(
+                message, hint="LITEFS holds litefs-wsgi's options by name", obj="settings.LITEFS", id="litefs_wsgi.E001"
+            )
+        ]
+    return []
+
+
+class LiteFSConfig(AppConfig):
+    """Add ``"litefs_wsgi.django.LiteFSConfig"`` to ``INSTALLED_APPS``: ``manage.py check``
+    (and runserver, migrate...) then reports a bad ``LITEFS`` setting, error ``litefs_wsgi.E001``."""
+
+    name = "litefs_wsgi"
+    label = "litefs_wsgi"
+    verbose_name = "litefs-wsgi"
+
+    def ready(self) -> None:
+        from django.core import checks
+
+        checks.register(check_settings)
 
 
 class ReplayOnPrimaryMiddleware:

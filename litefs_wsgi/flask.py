@@ -35,9 +35,12 @@ class LiteFS:
             self.init_app(app)
 
     def init_app(self, app) -> None:
-        options = config_options(app.config)
-        options.update(self.options)
-        self.middleware = LiteFSMiddleware(app.wsgi_app, **options)
+        from_config = config_options(app.config)
+        options = {**from_config, **self.options}
+        try:
+            self.middleware = LiteFSMiddleware(app.wsgi_app, **options)
+        except ConfigError as exc:
+            raise _named(exc, from_config, self.options) from None
         app.wsgi_app = self.middleware
         app.extensions["litefs"] = self
         if self.middleware.config.replay_on_readonly:
@@ -75,6 +78,24 @@ def replay_on_readonly(app) -> None:
 
     for error_type in _readonly_error_types():
         app.register_error_handler(error_type, replay_or_not)
+
+
+def config_key(option: str) -> str:
+    """The ``app.config`` key of ``option``."""
+    return "LITEFS_DIR" if option == "mount_dir" else "LITEFS_" + option.upper()
+
+
+def _named(exc: ConfigError, from_config: dict[str, Any], given: dict[str, Any]) -> ConfigError:
+    """``exc`` saying which ``app.config`` key set the bad value, or how to set a missing db."""
+    name = str(exc).partition(":")[0]
+    if name == "db" and "db" not in from_config and "db" not in given and str(exc).startswith("db: name"):
+        return ConfigError(
+            'db: set app.config["LITEFS_DB"] to the database file in the LiteFS mount, e.g. '
+            'app.config["LITEFS_DB"] = "app.db" (or LiteFS(app, db="app.db"), or LITEFS_PROXY_DB)'
+        )
+    if name in from_config and name not in given and "(set by " not in str(exc):
+        return ConfigError(f'{exc} (set by app.config["{config_key(name)}"])')
+    return exc
 
 
 def config_options(config: dict) -> dict[str, Any]:

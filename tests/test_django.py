@@ -9,14 +9,17 @@ of this test never reach the other test modules, which share pytest's process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from contextlib import closing
 
 import pytest
 import requests
-from servers import gunicorn, opens, wait_until
+from servers import free_port, gunicorn, opens, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -153,3 +156,53 @@ def test_a_get_that_writes_on_a_replica_is_replayed_on_the_primary(cluster):
             assert response.status_code == 500 and "Server Error (500)" in response.text  # Django's own
             assert "__txid" not in response.cookies
     assert rows(primary) == ["touch"]
+
+
+def django_command(mount: LiteFSMount, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``django-admin ARGS`` for the test project, as ``manage.py ARGS`` runs it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "FLY_"))}
+    environ.update(DJANGO_SETTINGS_MODULE="django_project.settings", LITEFS_DIR=mount.path, **env)
+    command = [sys.executable, "-m", "django", *args]
+    return subprocess.run(command, cwd=TESTS, env=environ, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("litefs", "message"),
+    [
+        ({"poll_timeout": "soon"}, "settings.LITEFS['poll_timeout']: 'soon' is not a duration"),
+        ({"pol_timeout": "1s"}, "settings.LITEFS: unknown option 'pol_timeout'; did you mean 'poll_timeout'?"),
+        ({"db": None}, "settings.LITEFS: no 'db': name the database file in the LiteFS mount"),
+        ({"target": "localhost:99999"}, "settings.LITEFS['target']: 'localhost:99999' is not a valid URL"),
+    ],
+)
+def test_manage_py_check_reports_a_bad_litefs_setting(cluster, litefs, message):
+    primary, _ = cluster
+    proc = django_command(primary, "check", TEST_LITEFS=json.dumps(litefs))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"settings.LITEFS: (litefs_wsgi.E001) {message}" in proc.stderr
+    assert "HINT: LITEFS holds litefs-wsgi's options by name" in proc.stderr
+
+
+def test_manage_py_check_passes_a_good_litefs_setting(cluster):
+    primary, _ = cluster
+    proc = django_command(primary, "check")
+    assert proc.returncode == 0, proc.stderr
+    assert "System check identified no issues" in proc.stdout
+
+
+def test_a_bad_litefs_setting_stops_gunicorn_naming_it(cluster):
+    primary, _ = cluster
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "FLY_"))}
+    env.update(DJANGO_SETTINGS_MODULE="django_project.settings", LITEFS_DIR=primary.path)
+    env["TEST_LITEFS"] = json.dumps({"max_lag": "a while"})
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{free_port()}",
+        "django_project.wsgi:application",
+    ]
+    proc = subprocess.run(command, cwd=TESTS, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ConfigError: settings.LITEFS['max_lag']: 'a while' is not a duration" in proc.stdout + proc.stderr

@@ -184,3 +184,32 @@ def test_extension_bad_option_fails_at_init_app(cluster):
     app.config.update(LITEFS_DB="app.db", LITEFS_DIR=primary.path, LITEFS_POLL_TIMEOUT="soonish")
     with pytest.raises(ConfigError, match="^poll_timeout: "):
         LiteFS(app)
+
+
+def test_extension_without_litefs_db_says_how_to_set_it(cluster, monkeypatch):
+    for name in ("LITEFS_PROXY_DB", "LITEFS_WSGI_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    primary, _ = cluster
+    app = create_app(primary)
+    app.config.update(LITEFS_DIR=primary.path)
+    with pytest.raises(ConfigError) as error:
+        LiteFS(app)
+    assert str(error.value) == (
+        'db: set app.config["LITEFS_DB"] to the database file in the LiteFS mount, e.g. '
+        'app.config["LITEFS_DB"] = "app.db" (or LiteFS(app, db="app.db"), or LITEFS_PROXY_DB)'
+    )
+
+
+def test_extension_bad_value_names_its_config_key(cluster):
+    primary, _ = cluster
+    app = create_app(primary)
+    app.config.update(LITEFS_DB="app.db", LITEFS_DIR=primary.path, LITEFS_TARGET="https://[::1")
+    with pytest.raises(ConfigError) as error:
+        LiteFS(app)
+    assert str(error.value) == (
+        "target: 'https://[::1' is not a valid URL: Invalid IPv6 URL (set by app.config[\"LITEFS_TARGET\"])"
+    )
+    # A keyword argument is the caller's own: no key to name.
+    with pytest.raises(ConfigError, match=r"^max_lag: 'soon' is not a duration") as error:
+        LiteFS(create_app(primary), db="app.db", mount_dir=primary.path, max_lag="soon")
+    assert "set by" not in str(error.value)

@@ -1,12 +1,13 @@
 """Settings of the test project: its SQLite database lives in the LiteFS mount ``$LITEFS_DIR``."""
 
+import json
 import os
 
 SECRET_KEY = "tests only"
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 ROOT_URLCONF = "django_project.urls"
-INSTALLED_APPS: list[str] = []
+INSTALLED_APPS = ["litefs_wsgi.django.LiteFSConfig"]  # manage.py check checks LITEFS
 MIDDLEWARE = ["litefs_wsgi.django.ReplayOnPrimaryMiddleware"]
 USE_TZ = True
 _DB = os.path.join(os.environ["LITEFS_DIR"], "db.sqlite3")
@@ -26,3 +27,9 @@ LITEFS = {
     "primary_url": os.environ.get("TEST_PRIMARY_URL"),
     "replay_on_readonly": os.environ.get("TEST_REPLAY_ON_READONLY", "true"),
 }
+# TEST_LITEFS: JSON merged into LITEFS, a null removing the option (tests of bad settings).
+for _name, _value in json.loads(os.environ.get("TEST_LITEFS", "{}")).items():
+    if _value is None:
+        LITEFS.pop(_name, None)
+    else:
+        LITEFS[_name] = _value

@@ -12,7 +12,7 @@ ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,.fly.dev,.i
 
 # No sessions, auth or admin: Django's database sessions write during GET requests, which a
 # replica cannot do. Use signed-cookie sessions, or litefs_wsgi.require_primary() in such views.
-INSTALLED_APPS = ["notes"]
+INSTALLED_APPS = ["notes", "litefs_wsgi.django.LiteFSConfig"]  # manage.py check checks LITEFS
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
