@@ -15,8 +15,8 @@ Debian's package). Everything listens on 127.0.0.1. One gunicorn per setup (gthr
 Each round runs wrk (2 threads, ``--connections``, ``--seconds``) once per case, in an order
 rotated from round to round, so that a slow moment of this shared machine falls on all of them.
 Printed: per case the median requests per second over rounds, and the median of each round's
-ratio to its baseline (the bare app for the middleware; the proxy without a cookie for the
-proxy with one). ``--app wsgi`` uses a plain WSGI callable instead of Flask, so that the
+ratio to its baseline (the bare app, sent the same request, for the middleware; the proxy
+without a cookie for the proxy with one). ``--app wsgi`` uses a plain WSGI callable instead of Flask, so that the
 middleware's share is not hidden by Flask's own cost.
 """
 
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(common.standalone_proxy(config, ports["proxy"], 8, stderr=subprocess.DEVNULL))
         cases = [  # (name, port, header, script, baseline)
             ("bare GET", "bare", None, None, None),
+            ("bare GET, same cookie", "bare", COOKIE, None, None),
             ("bare POST", "bare", None, post, None),
             ("primary GET, no cookie", "primary", None, None, "bare GET"),
-            ("replica GET, satisfied cookie", "replica", COOKIE, None, "bare GET"),
+            ("replica GET, satisfied cookie", "replica", COOKIE, None, "bare GET, same cookie"),
             ("primary POST, cookie set", "primary", None, post, "bare POST"),
             ("proxy GET, no cookie", "proxy", None, None, None),
             ("proxy GET, satisfied cookie", "proxy", COOKIE, None, "proxy GET, no cookie"),
