@@ -182,8 +182,19 @@ _HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^`|~0-9A-Za-z]+")  # RFC 9110's token, 
 # Headers that already mean something to a client, a server or this project: carrying the TXID
 # in one of them would break it, or be dropped by a hop on the way.
 _TAKEN_HEADERS = {
-    "cookie", "set-cookie", "host", "content-length", "content-type", "date", "server", "location",
-    "fly-replay", "fly-replay-src", "x-litefs-forwarded", "x-litefs-replay", "retry-after",
+    "cookie",
+    "set-cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "date",
+    "server",
+    "location",
+    "fly-replay",
+    "fly-replay-src",
+    "x-litefs-forwarded",
+    "x-litefs-replay",
+    "retry-after",
 }
 
 
