@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME:VAR=VALUE,...",
         help="also measure the standalone proxy with these environment variables, e.g. "
-        "'threads 8:GUNICORN_THREADS=8' or 'access log:GUNICORN_CMD_ARGS=--access-logfile -'",
+        "'threads 8:GUNICORN_THREADS=8' or 'access log:GUNICORN_ACCESS_LOG=-'",
     )
     parser.add_argument("--only", default="", help="comma-separated loads to run (default: all)")
     args = parser.parse_args(argv)
@@ -254,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"{txid:016x}/0000000000000001\n")
         config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount, f"127.0.0.1:{target_port}")
         ours_env = {"LITEFS_WSGI_CONFIG": config}
-        for key in ("GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_CMD_ARGS", "GUNICORN_BIND"):
+        for key in (
+            "GUNICORN_WORKERS",
+            "GUNICORN_THREADS",
+            "GUNICORN_ACCESS_LOG",
+            "GUNICORN_CMD_ARGS",
+            "GUNICORN_BIND",
+        ):
             os.environ.pop(key, None)
         os.environ["LITEFS_WSGI_CONFIG"] = config
         sys.path.insert(0, ROOT)

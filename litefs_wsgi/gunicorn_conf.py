@@ -55,10 +55,10 @@ graceful_timeout = 30
 # Idle keep-alive connections from clients are closed after this many seconds.
 keepalive = 5
 
-# No access log: LiteFS's proxy writes no line per request either, and one costs a Python
-# proxy a measurable share of its throughput (bench/proxy_rps.py). To have one on stdout, set
-# accesslog = "-" below the import in gunicorn.conf.py, or GUNICORN_CMD_ARGS="--access-logfile -".
-accesslog = None
+# No access log unless GUNICORN_ACCESS_LOG names one ("-": stdout): LiteFS's proxy writes no
+# line per request either, and one cost the proxy about a sixth of its throughput
+# (bench/proxy_rps.py). `litefs-wsgi serve --access-log -` sets it.
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
 # gunicorn's own log stays at info: the proxy's `debug` option is about routing decisions,
 # which it logs itself (on stderr, "litefs-wsgi: ..."); use --log-level for gunicorn's.
