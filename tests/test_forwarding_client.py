@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import select
+import shutil
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from servers import free_port, gunicorn, proxy_config, standalone_proxy, wait_until
+from servers import free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
 from test_faults import read_all
 from werkzeug.test import EnvironBuilder
 
@@ -452,3 +455,32 @@ def _fresh_failure_log():
         yield
     finally:
         forwarding.failure_log = saved
+
+
+# -- the access log: off by default, one setting away -----------------------------------------
+
+
+@pytest.mark.parametrize("access_log", [None, "-"])
+def test_access_log_is_off_unless_asked_for(tmp_path, upstream_factory, access_log):
+    upstream = upstream_factory()
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{upstream.port}")
+    port = free_port()
+    beside = os.path.join(os.path.dirname(sys.executable), "litefs-wsgi")
+    command = [beside if os.path.exists(beside) else shutil.which("litefs-wsgi"), "serve", "--config", config]
+    command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "2"]
+    if access_log:
+        command += ["--access-log", access_log]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GUNICORN_", "LITEFS_"))}
+    with listening(command, port, env) as proc:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            client.sendall(b"GET /logged-or-not HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert read_all(client).startswith(b"HTTP/1.1 200 ")
+        if access_log:
+            wait_until(lambda: any(b"GET /logged-or-not" in line for line in list(proc.output)), 20, "the log line")
+    assert upstream.requests and upstream.requests[0][2] == "/logged-or-not"
+    if not access_log:
+        # Weak by nature (a line not written shows no event): gunicorn writes its access-log
+        # line before it closes the connection, so one would most likely have been read by now.
+        assert not any(b"/logged-or-not" in line for line in list(proc.output))
