@@ -66,10 +66,22 @@ def application(environ, start_response):
     return _body(_local.sock, rest, length)
 
 
-def _body(sock: socket.socket, rest: bytes, length: int):
-    yield rest
-    left = length - len(rest)
-    while left:
-        data = sock.recv(min(left, 1024 * 1024))
-        left -= len(data)
-        yield data
+class _body:
+    """The rest of a body; a socket left mid-body (the client went away) is not kept."""
+
+    def __init__(self, sock: socket.socket, rest: bytes, length: int) -> None:
+        self.sock, self.rest, self.left = sock, rest, length - len(rest)
+
+    def __iter__(self):
+        yield self.rest
+        while self.left:
+            data = self.sock.recv(min(self.left, 1024 * 1024))
+            if not data:
+                raise ConnectionError("the target closed the connection mid-body")
+            self.left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        if self.left:
+            self.sock.close()
+            _local.sock = None

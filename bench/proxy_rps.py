@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME:VAR=VALUE,...",
         help="also measure the standalone proxy with these environment variables, e.g. "
-        "'threads 8:GUNICORN_THREADS=8' or 'access log:GUNICORN_ACCESS_LOG=-'",
+        "'threads 8:GUNICORN_THREADS=8' or 'access log:GUNICORN_CMD_ARGS=--access-logfile -'",
     )
     parser.add_argument("--only", default="", help="comma-separated loads to run (default: all)")
     args = parser.parse_args(argv)
@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         for key in (
             "GUNICORN_WORKERS",
             "GUNICORN_THREADS",
-            "GUNICORN_ACCESS_LOG",
             "GUNICORN_CMD_ARGS",
             "GUNICORN_BIND",
         ):

@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--bind", help="address to listen on (default: proxy.addr)")
     serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
     serve.add_argument("--threads", type=int, help="threads per worker (default 32)")
-    serve.add_argument("--access-log", metavar="FILE", help="log each request to FILE, '-' for stdout (default: none)")
 
     status = commands.add_parser("status", help="print the node's role, the primary, positions and lag")
     status.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
@@ -62,7 +61,6 @@ def run_serve(args: argparse.Namespace, gunicorn_args: list[str] = ()) -> int:
         ("GUNICORN_BIND", args.bind),
         ("GUNICORN_WORKERS", args.workers),
         ("GUNICORN_THREADS", args.threads),
-        ("GUNICORN_ACCESS_LOG", args.access_log),
     ):
         if value is not None:
             os.environ[name] = str(value)

@@ -55,10 +55,11 @@ graceful_timeout = 30
 # Idle keep-alive connections from clients are closed after this many seconds.
 keepalive = 5
 
-# No access log unless GUNICORN_ACCESS_LOG names one ("-": stdout): LiteFS's proxy writes no
-# line per request either, and one cost the proxy about a sixth of its throughput
-# (bench/proxy_rps.py). `litefs-wsgi serve --access-log -` sets it.
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+# No access log: LiteFS's proxy writes no line per request either, and one cost the proxy
+# about a sixth of its throughput (bench/proxy_rps.py). For one on stdout, gunicorn's own
+# option: `--access-logfile -` (litefs-wsgi serve passes it on), or in the environment
+# GUNICORN_CMD_ARGS="--access-logfile -" (both entry points read it).
+accesslog = None
 errorlog = "-"
 # gunicorn's own log stays at info: the proxy's `debug` option is about routing decisions,
 # which it logs itself (on stderr, "litefs-wsgi: ..."); use --log-level for gunicorn's.

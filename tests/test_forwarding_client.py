@@ -471,7 +471,7 @@ def test_access_log_is_off_unless_asked_for(tmp_path, upstream_factory, access_l
     command = [beside if os.path.exists(beside) else shutil.which("litefs-wsgi"), "serve", "--config", config]
     command += ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "2"]
     if access_log:
-        command += ["--access-log", access_log]
+        command += ["--access-logfile", access_log]  # gunicorn's own option, passed on
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GUNICORN_", "LITEFS_"))}
     with listening(command, port, env) as proc:
         with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
