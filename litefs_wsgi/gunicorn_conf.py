@@ -81,20 +81,7 @@ if _config.metrics_path:
 def post_fork(server, worker):
     # Size each worker's connection pool to its threads, before the app is built.
     os.environ["LITEFS_WSGI_POOL_SIZE"] = str(worker.cfg.threads)
-    # Streamed bodies pass in blocks of up to 1 MiB. glibc's malloc would keep the freed
-    # blocks of each thread's arena (it raises its mmap threshold after the first is freed):
-    # a fixed threshold hands them back at once, which kept a worker's peak RSS about a
-    # quarter lower while streaming (bench/proxy_rps.py). Only where malloc is glibc's.
-    _mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
 
-
-def _mallopt(option: int, value: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(option, value)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        pass
 
 
 def worker_exit(server, worker):
