@@ -83,7 +83,6 @@ def post_fork(server, worker):
     os.environ["LITEFS_WSGI_POOL_SIZE"] = str(worker.cfg.threads)
 
 
-
 def worker_exit(server, worker):
     # Close pooled connections to the target and the primary.
     from litefs_wsgi import proxy
