@@ -56,9 +56,9 @@ graceful_timeout = 30
 keepalive = 5
 
 # No access log: LiteFS's proxy writes no line per request either, and one cost the proxy
-# about a sixth of its throughput (bench/proxy_rps.py). For one on stdout, gunicorn's own
-# option: `--access-logfile -` (litefs-wsgi serve passes it on), or in the environment
-# GUNICORN_CMD_ARGS="--access-logfile -" (both entry points read it).
+# about a fifth of its throughput at 32 connections (bench/proxy_rps.py). For one on stdout,
+# gunicorn's own option: `--access-logfile -` (litefs-wsgi serve passes it on), or in the
+# environment GUNICORN_CMD_ARGS="--access-logfile -" (both entry points read it).
 accesslog = None
 errorlog = "-"
 # gunicorn's own log stays at info: the proxy's `debug` option is about routing decisions,
