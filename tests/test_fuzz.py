@@ -278,7 +278,9 @@ def test_middleware_answers_only_documented_statuses(mount_dir, middlewares, whi
     assert code in DOCUMENTED, (status, body)
     assert b"Traceback" not in body
     if code != 200 and body != b"app":
-        assert body.startswith((b"Proxy", b"Replication lag exceeded", b"<!doctype html>")), body
+        # Ours, or the primary's own error page for a request it refuses (werkzeug's server and
+        # its HTTPException write the doctype in different cases).
+        assert body.startswith((b"Proxy", b"Replication lag exceeded")) or body.lower().startswith(b"<!doctype html>")
 
 
 @examples(300)
