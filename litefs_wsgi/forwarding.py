@@ -707,9 +707,8 @@ def _connection_tokens(value: str | None) -> set[str] | frozenset[str]:
     return {token.lower() for token in parse_list_header(value)}
 
 
-# Request headers never sent on: hop-by-hop ones (RFC 9110 section 7.6.1), the body's framing
-# (set again for the body as it is sent) and the hop marker (added only by ``mark``).
-_DROP = frozenset(
+# Hop-by-hop headers (RFC 9110 section 7.6.1): for one connection, never passed on either way.
+_HOP_BY_HOP = frozenset(
     (
         "connection",
         "keep-alive",
@@ -719,10 +718,12 @@ _DROP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
-        "content-length",
-        HOP_HEADER.lower(),
     )
 )
+
+# Request headers never sent on: hop-by-hop ones, the body's framing (set again for the body
+# as it is sent) and the hop marker (added only by ``mark``).
+_DROP = _HOP_BY_HOP | {"content-length", HOP_HEADER.lower()}
 
 
 def _name_of(key: str) -> tuple[str, str] | None:
@@ -801,20 +802,7 @@ def request_head(
 
 # Answer headers never relayed: hop-by-hop ones, and Date and Server, which the WSGI server
 # writes itself (gunicorn always does: relayed too, the client would get each twice).
-_DROP_ANSWER = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "date",
-        "server",
-    )
-)
+_DROP_ANSWER = _HOP_BY_HOP | {"date", "server"}
 
 
 def response_headers(
