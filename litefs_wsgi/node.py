@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
-from .txid import Pos, parse_pos
+from .txid import Pos, parse_pos, parse_pos_txid
+
+T = TypeVar("T")
 
 log = logging.getLogger("litefs_wsgi")
 
@@ -106,6 +110,13 @@ class Node:
 
     def pos(self, db: str) -> Pos | None:
         """The database's position; None when it does not exist yet or cannot be read."""
+        return self._read_pos(db, parse_pos)
+
+    def txid(self, db: str) -> int | None:
+        """The TXID of the database's position (what a request needs, parsed alone)."""
+        return self._read_pos(db, parse_pos_txid)
+
+    def _read_pos(self, db: str, parse: Callable[[bytes], T | None]) -> T | None:
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
@@ -116,10 +127,10 @@ class Node:
             return None
         if data is None:
             return None
-        pos = parse_pos(data)
-        if pos is None:
+        value = parse(data)
+        if value is None:
             self._report(logging.WARNING, db, data, "ignoring a malformed position file for %s: %r", db, data[:64])
-        return pos
+        return value
 
     def role(self) -> tuple[bool, str | None]:
         """(this node is the primary, the primary's hostname), from one read of ``.primary``.

@@ -90,8 +90,7 @@ class Watcher:
     def txid(self, db: str) -> int | None:
         """The database's TXID now (the file is read), or None when it does not exist (or
         cannot be read)."""
-        pos = self.node.pos(db)
-        txid = pos.txid if pos is not None else None
+        txid = self.node.txid(db)
         if txid is not None:
             self._seen[db] = (txid, self.clock())
         events = self.events

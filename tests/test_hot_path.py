@@ -53,7 +53,7 @@ def get(client: Client, txid: int):
 def test_a_satisfied_cookie_reads_no_file_within_the_bound(replica):
     replica.set_position("app.db", 10)
     client, middleware, clock = setup(replica)
-    with answers(middleware.watcher.node, "pos") as reads:
+    with answers(middleware.watcher.node, "txid") as reads:
         assert get(client, 10).status_code == 200
         for txid in (1, 5, 10, 10, 10):
             assert get(client, txid).status_code == 200
