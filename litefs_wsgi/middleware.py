@@ -27,7 +27,6 @@ HEALTH_PATH = "/litefs/health"
 FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request body
 REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
 FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
-FAR_AHEAD_LOG_EVERY = 60.0
 WARN_EVERY = 60.0  # a warning a client's requests can cause is logged at most this often
 
 
@@ -150,8 +149,7 @@ class LiteFSMiddleware:
         self.forwarder.on_failure = self._metrics.forward_failed
         self._passthrough = compile_patterns(config.passthrough)
         self._always_forward = compile_patterns(config.always_forward)
-        self._far_ahead_logged = -FAR_AHEAD_LOG_EVERY
-        self._misrouted_logged = self._unmounted_logged = -WARN_EVERY
+        self._warned: dict[str, float] = {}  # kind of warning -> when it was last logged
         self._no_position_logged: set[str] = set()
         self._not_mounted = f"Proxy error: LiteFS is not mounted at {config.mount_dir}"
         header = config.txid_header
@@ -261,14 +259,20 @@ class LiteFSMiddleware:
             return sent
         return {db: max(txid, sent[db]) for db, txid in targets.items()}
 
+    def _warning_due(self, kind: str) -> bool:
+        """True, at most once every WARN_EVERY per kind: what clients cause must not flood the log."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, -WARN_EVERY) < WARN_EVERY:
+            return False
+        self._warned[kind] = now
+        return True
+
     def _log_timeout(self, targets: dict[str, int]) -> None:
         for db, target in targets.items():
             txid = self.watcher.txid(db) or 0
             if target - txid > FAR_AHEAD:
                 # At most one warning a minute: forged cookies must not flood the log.
-                now = time.monotonic()
-                if now - self._far_ahead_logged >= FAR_AHEAD_LOG_EVERY:
-                    self._far_ahead_logged = now
+                if self._warning_due("far ahead"):
                     log.warning(
                         "a __txid cookie (or txid_header) asks for %s at TXID %d, %d ahead of this node:"
                         " forged or stale? (logged at most once a minute)",
@@ -352,9 +356,7 @@ class LiteFSMiddleware:
 
     def _refuse_unmounted(self, method: str, path: str) -> None:
         self._debug("refused: LiteFS is not mounted (require_mount)", method, path)
-        now = time.monotonic()
-        if now - self._unmounted_logged >= WARN_EVERY:
-            self._unmounted_logged = now
+        if self._warning_due("unmounted"):
             log.warning(
                 "refusing writes with 503: LiteFS is not mounted at %s: %s (require_mount; logged at most "
                 "once a minute)",
@@ -364,10 +366,8 @@ class LiteFSMiddleware:
 
     def _log_misrouted(self, environ: dict, method: str, path: str, primary: str | None) -> None:
         """Say who sent a request here that only the primary may answer, once a minute at most."""
-        now = time.monotonic()
-        if now - self._misrouted_logged < WARN_EVERY:
+        if not self._warning_due("misrouted"):
             return
-        self._misrouted_logged = now
         here = f"the primary is {primary}" if primary else "no primary is known"
         sender = environ.get("REMOTE_ADDR") or "an unknown address"
         if "HTTP_FLY_REPLAY_SRC" in environ:
