@@ -9,9 +9,6 @@ import socket
 import threading
 from collections.abc import Callable
 
-import urllib3
-from urllib3.connection import HTTPConnection
-
 from .node import valid_hostname
 from .txid import parse_txid
 
@@ -25,7 +22,7 @@ READ_TIMEOUT = None
 CONNECT_TIMEOUT = 5.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 _SOCKET_OPTIONS = [
-    *HTTPConnection.default_socket_options,
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),  # urllib3's default, which these options replace
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
     *(
         (socket.IPPROTO_TCP, getattr(socket, name), value)
@@ -57,6 +54,8 @@ class EventStream:
         self.hostname: str | None = None
         self.txids: dict[str, int] = {}
         self._stop = threading.Event()
+        import urllib3  # here, not at the top: only a node with api_url pays its memory (2 MiB)
+
         self._http = urllib3.PoolManager(
             num_pools=1,
             maxsize=1,

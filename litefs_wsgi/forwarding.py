@@ -10,7 +10,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -32,16 +32,20 @@ HOP_ENVIRON_KEY = "HTTP_" + HOP_HEADER.upper().replace("-", "_")
 
 # A request head as it may go out: a token method, a target without spaces or controls,
 # then "Name: value" lines whose names are tokens and whose values hold no CR, LF or NUL.
-_REQUEST_HEAD = re.compile(
-    r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^\x00-\x20\x7f]+ HTTP/1\.1\r\n"
-    r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\x00\r\n]*\r\n)*\r\n"
-)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(r"[^\x00-\x20\x7f]+")
+_TOKENS_SEEN: set[str] = set()  # methods and header names found to be tokens (bounded)
 CHUNK = 64 * 1024
 # A body of known length, and answers, are copied in larger blocks: gunicorn's wsgi.input
 # reads 64 KiB at a time at about 200 MiB/s and 1 MiB about four times faster (bench/stream.py).
 # It costs up to this much memory per request streaming a body. A chunked upload is still
 # read 64 KiB at a time: a read waits until its block is full, and the upload may be slow.
 BLOCK = 1024 * 1024
+# An answer's body is read in smaller blocks: a recv(2) on loopback returns a few hundred KiB
+# at most, so a larger block buys no speed, and each block allocated larger than it is filled
+# leaves memory that glibc keeps: 4 downloads at once raised a worker's peak by 20 MiB with
+# 1 MiB blocks, and by 10 with these (bench/proxy_rps.py, the "peak RSS" column).
+ANSWER_BLOCK = 256 * 1024
 # A body up to this size is read whole before it is sent: it leaves with the head in one
 # write, and a request that met a connection the other side had just closed can be sent again.
 SMALL_BODY = 64 * 1024
@@ -107,16 +111,19 @@ class Connection:
 
 
 class Answer:
-    """An answer's head as parsed by httptools (llhttp) and how its body is framed.
+    """An answer's head as checked by httptools (llhttp) and how its body is framed.
 
     llhttp is strict: it refuses bare LF line ends, obs-fold, a name that is not a token,
     control characters in a value, a ``Content-Length`` that is not digits or comes twice,
-    and ``Content-Length`` with ``Transfer-Encoding``. What it lets through is relayed."""
+    and ``Content-Length`` with ``Transfer-Encoding``. What it lets through is relayed. The
+    head it accepted is then split in one pass (``take_head``), not by a callback per header:
+    the callbacks cost four times llhttp's own parse."""
 
     __slots__ = (
         "status",
         "reason",
         "headers",
+        "lowers",
         "done",
         "complete",
         "extra",
@@ -132,8 +139,9 @@ class Answer:
     )
 
     def __init__(self) -> None:
-        self.reason = b""
+        self.reason = ""
         self.headers: list[tuple[str, str]] = []  # as sent, in order, latin-1
+        self.lowers: list[str] = []  # their names in lower case, in the same order
         self.done = False  # the head is complete
         self.complete = False  # the whole message is
         self.extra = False  # bytes came after it: a second answer, never asked for
@@ -143,27 +151,10 @@ class Answer:
         self.connection: str | None = None
         self.upgrade = False
 
-    # httptools callbacks
+    # httptools callbacks (none per header: see take_head)
     def on_message_begin(self) -> None:
         if self.complete:
             self.extra = True
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.done:  # a chunked body's trailers are not relayed
-            return
-        header = (name.decode("latin-1"), value.decode("latin-1"))
-        self.headers.append(header)
-        lower = header[0].lower()
-        if lower in _FRAMING:
-            if lower == "content-length":
-                self.length = int(value)  # llhttp checked it: digits, and only one
-            elif lower == "transfer-encoding":
-                self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-            else:
-                self.connection = f"{self.connection}, {header[1]}" if self.connection else header[1]
 
     def on_headers_complete(self) -> None:
         self.done = True
@@ -174,18 +165,49 @@ class Answer:
     def on_message_complete(self) -> None:
         self.complete = True
 
+    def take_head(self, head: bytes) -> None:
+        """The reason, headers and framing from ``head`` (through its blank line), which
+        llhttp has accepted: CRLF line ends, ``name: value`` lines with token names."""
+        lines = head.decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        self.reason = status[2] if len(status) > 2 else ""
+        headers, lowers = self.headers, self.lowers
+        split = _HEADER_LINES
+        for line in lines[1:-2]:  # the head ends with an empty line, and "" after its CRLF
+            entry = split.get(line)
+            if entry is None:
+                name, _, value = line.partition(":")
+                entry = (name, value.strip(" \t")), name.lower()
+                if len(line) < 256:
+                    if len(split) >= 512:
+                        split.clear()  # Date lines, Set-Cookie values: start again
+                    split[line] = entry
+            header, lower = entry
+            headers.append(header)
+            lowers.append(lower)
+            if lower in _FRAMING:
+                value = header[1]
+                if lower == "content-length":
+                    self.length = int(value)  # llhttp checked it: digits, and only one
+                elif lower == "transfer-encoding":
+                    self.chunked = value.rsplit(",", 1)[-1].strip(" \t").lower() == "chunked"
+                else:
+                    self.connection = f"{self.connection}, {value}" if self.connection else value
+
     def header(self, name: str) -> str | None:
         lower = name.lower()
-        values = [v for k, v in self.headers if k.lower() == lower]
+        values = [v for (_, v), low in zip(self.headers, self.lowers) if low == lower]
         return ", ".join(values) if values else None
 
     def status_line(self) -> str:
         """The answer's status line for ``start_response``."""
-        reason = self.reason.decode("latin-1")
-        return f"{self.status} {reason}" if reason else status_line(self.status)
+        return f"{self.status} {self.reason}" if self.reason else status_line(self.status)
 
 
 _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
+# An app sends the same header lines again and again (only Date changes, once a second):
+# each is split once. Bounded: the lines are the other side's to choose.
+_HEADER_LINES: dict[str, tuple[tuple[str, str], str]] = {}
 
 
 def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
@@ -241,6 +263,7 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
         if 100 <= status < 200 and status != 101:
             data = answer.rest  # 100 Continue, 103 Early Hints: WSGI relays only the final answer
             continue
+        answer.take_head(data[:end])
         tokens = answer.tokens = _connection_tokens(answer.connection)
         if parser.get_http_version() == "1.1":
             answer.keep_alive = "close" not in tokens
@@ -288,7 +311,7 @@ def _sized(rest: bytes, length: int, sock: socket.socket) -> Iterator[bytes]:
         yield rest
         left -= len(rest)
     while left:
-        data = sock.recv(min(left, BLOCK))
+        data = sock.recv(min(left, ANSWER_BLOCK))
         if not data:
             raise BadAnswer(f"connection closed {left} bytes before the end of the body")
         left -= len(data)
@@ -301,7 +324,7 @@ def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
         yield b"".join(pieces)
         pieces.clear()
     while not answer.complete:
-        data = sock.recv(BLOCK)
+        data = sock.recv(ANSWER_BLOCK)
         if not data:
             raise BadAnswer("connection closed before the last chunk")
         answer.parser.feed_data(data)
@@ -313,7 +336,7 @@ def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
 def _until_closed(rest: bytes, sock: socket.socket) -> Iterator[bytes]:
     if rest:
         yield rest
-    while data := sock.recv(BLOCK):
+    while data := sock.recv(ANSWER_BLOCK):
         yield data
 
 
@@ -522,7 +545,7 @@ class Forwarder:
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
-        headers = response_headers(answer.headers, tokens=answer.tokens)
+        headers = response_headers(answer.headers, tokens=answer.tokens, lowers=answer.lowers)
         start_response(answer.status_line(), headers)
         return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable))
 
@@ -699,12 +722,22 @@ def request_target(environ: dict) -> str:
     return (path or "/") + ("?" + query if query else "")
 
 
-def _connection_tokens(value: str | None) -> set[str] | frozenset[str]:
+def _connection_tokens(value: str | None) -> frozenset[str]:
     if not value:
-        return frozenset()
-    if '"' not in value:  # the usual "keep-alive", "close" or "Upgrade": no quoting to undo
-        return {token.strip().lower() for token in value.split(",")} - {""}
-    return {token.lower() for token in parse_list_header(value)}
+        return _NO_TOKENS
+    tokens = _TOKENS_OF.get(value)
+    if tokens is None:
+        if '"' not in value:  # the usual "keep-alive", "close" or "Upgrade": no quoting to undo
+            tokens = frozenset({token.strip().lower() for token in value.split(",")} - {""})
+        else:
+            tokens = frozenset(token.lower() for token in parse_list_header(value))
+        if len(_TOKENS_OF) < 64:
+            _TOKENS_OF[value] = tokens
+    return tokens
+
+
+_NO_TOKENS: frozenset[str] = frozenset()
+_TOKENS_OF: dict[str, frozenset[str]] = {}  # Connection values seen (bounded): their tokens
 
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1): for one connection, never passed on either way.
@@ -767,9 +800,9 @@ def request_headers(
     if chunked:
         # A coding the body still carries (Transfer-Encoding: gzip, chunked) goes on with it:
         # dropped, the other side would take the compressed bytes for the content itself.
-        codings = [
-            c for c in _connection_tokens(environ.get("HTTP_TRANSFER_ENCODING")) if c not in ("chunked", "identity")
-        ]
+        # In their order: the other side undoes them last to first.
+        sent = (environ.get("HTTP_TRANSFER_ENCODING") or "").split(",")
+        codings = [c for c in (c.strip(" \t").lower() for c in sent) if c not in ("", "chunked", "identity")]
         headers["Transfer-Encoding"] = ", ".join([*codings, "chunked"])
     else:
         if length is False:  # not given
@@ -794,24 +827,39 @@ def request_head(
     """The request's head as it goes out, in one piece; ValueError when it could be read
     two ways (a method or name that is not a token, a line break in a value)."""
     headers = request_headers(environ, mark, chunked, length)
-    head = f"{method} {target} HTTP/1.1\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
-    if _REQUEST_HEAD.fullmatch(head) is None:
+    lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join(lines) + "\r\n"
+    # Every CR and LF is one of the line ends just written: none is in a value.
+    ends = len(lines) + 2
+    if head.count("\n") != ends or head.count("\r") != ends or "\x00" in head or not _TARGET.fullmatch(target):
         raise ValueError("not a well-formed request head")
+    if method not in _TOKENS_SEEN or not _TOKENS_SEEN.issuperset(headers):
+        for token in (method, *headers):
+            if token not in _TOKENS_SEEN:
+                if not _TOKEN.fullmatch(token):
+                    raise ValueError("not a well-formed request head")
+                if len(_TOKENS_SEEN) < 4096:  # names are the client's to choose: bounded
+                    _TOKENS_SEEN.add(token)
     return head.encode("latin-1")
 
 
 # Answer headers never relayed: hop-by-hop ones, and Date and Server, which the WSGI server
 # writes itself (gunicorn always does: relayed too, the client would get each twice).
 _DROP_ANSWER = _HOP_BY_HOP | {"date", "server"}
+_DROP_NAMED: dict[frozenset[str], frozenset[str]] = {}  # Connection tokens: _DROP_ANSWER with them
 
 
 def response_headers(
-    headers: Iterable[tuple[str, str]], upgrade: bool = False, tokens: Iterable[str] | None = None
+    headers: Iterable[tuple[str, str]],
+    upgrade: bool = False,
+    tokens: Iterable[str] | None = None,
+    lowers: Sequence[str] | None = None,
 ) -> list[tuple[str, str]]:
     """The answer's headers to relay, each repeated header (``Set-Cookie``) kept apart, in
     order; hop-by-hop ones and those named in ``Connection`` dropped. For a ``101``
     (``upgrade``), ``Upgrade`` and ``Connection`` are kept: gunicorn needs them to send its
-    upgrade head. ``tokens``: those of its ``Connection`` headers, when already known."""
+    upgrade head. ``tokens``: those of its ``Connection`` headers, and ``lowers``: the
+    headers' names in lower case, when already known."""
     headers = list(headers)
     drop = _DROP_ANSWER
     if tokens is None:
@@ -819,10 +867,16 @@ def response_headers(
             if name.lower() == "connection":
                 drop = drop | _connection_tokens(value)
     elif tokens:
-        drop = drop | set(tokens)
+        drop = _DROP_NAMED.get(tokens) if isinstance(tokens, frozenset) else None
+        if drop is None:
+            drop = _DROP_ANSWER | set(tokens)
+            if isinstance(tokens, frozenset) and len(_DROP_NAMED) < 64:
+                _DROP_NAMED[tokens] = drop  # an app sends the same Connection header each time
     if upgrade:
         drop = drop - {"upgrade", "connection"}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    if lowers is None:
+        return [(name, value) for name, value in headers if name.lower() not in drop]
+    return [header for header, lower in zip(headers, lowers) if lower not in drop]
 
 
 def status_of(answer: Answer) -> str:

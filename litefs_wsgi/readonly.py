@@ -12,7 +12,6 @@ in ``.orig``, Django's in ``__cause__``. The Flask extension and Django's
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 
 READONLY_MESSAGE = "attempt to write a readonly database"  # sqlite3_errstr(SQLITE_READONLY)
@@ -27,6 +26,8 @@ def is_readonly_error(exc: BaseException | None) -> bool:
     """True when ``exc``, or an error it wraps (``.orig``, ``__cause__``, ``__context__``
     unless suppressed by ``from None``), is SQLite refusing a write as on a LiteFS replica:
     ``SQLITE_READONLY*``, or ``SQLITE_IOERR_WRITE`` (WAL mode)."""
+    import sqlite3  # here, not at the top: the standalone proxy never needs it
+
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

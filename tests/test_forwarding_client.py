@@ -24,6 +24,7 @@ from servers import free_port, gunicorn, listening, proxy_config, standalone_pro
 from test_faults import read_all
 from werkzeug.test import EnvironBuilder
 
+from litefs_wsgi import forwarding
 from litefs_wsgi.forwarding import FailureLog, Forwarder
 from litefs_wsgi.testing import LiteFSMount
 
@@ -484,3 +485,12 @@ def test_access_log_is_off_unless_asked_for(tmp_path, upstream_factory, access_l
         # Weak by nature (a line not written shows no event): gunicorn writes its access-log
         # line before it closes the connection, so one would most likely have been read by now.
         assert not any(b"/logged-or-not" in line for line in list(proc.output))
+
+
+def test_codings_of_a_chunked_body_keep_their_order():
+    # gunicorn refuses codings other than chunked; other WSGI servers may pass them on.
+    # The other side undoes them last to first: "br, gzip" is not "gzip, br".
+    environ = {"REQUEST_METHOD": "POST", "HTTP_TRANSFER_ENCODING": "gzip, br, chunked", "wsgi.url_scheme": "http"}
+    assert forwarding.request_headers(environ, chunked=True)["Transfer-Encoding"] == "gzip, br, chunked"
+    environ["HTTP_TRANSFER_ENCODING"] = "br,gzip , chunked"
+    assert forwarding.request_headers(environ, chunked=True)["Transfer-Encoding"] == "br, gzip, chunked"
