@@ -26,10 +26,12 @@ _TXID_PART = re.compile(r"(?:^|;)[ \t]*__txid[ \t]*(?:=([^;]*)|(?=;|$))")
 _VALID_VALUE = re.compile(r"[\x20-\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
-@functools.lru_cache(maxsize=4)
-def _http_date(second: int) -> str:
-    # The expiry changes once a second: format it once a second, not once a write.
-    return http_date(second)
+@functools.lru_cache(maxsize=8)
+def _attributes(second: int, secure: bool) -> str:
+    # Everything after the value changes once a second: formatted once a second, not once a
+    # write. Go's http.Cookie order, as LiteFS writes it; then our Secure and SameSite.
+    tail = "; Secure; SameSite=Lax" if secure else "; SameSite=Lax"
+    return f"; Path=/; Expires={http_date(second)}; HttpOnly{tail}"
 
 
 def _sign(secret: bytes, payload: str) -> str:
@@ -136,15 +138,13 @@ class TxidCookie:
 
     def header(self, txids: Mapping[str, int], secure: bool) -> str:
         """The ``Set-Cookie`` value for the positions ``txids`` (one per database)."""
-        value = "-".join([format_txid(txids[db]) for db in self.dbs])
-        expires = time.time() + self.expiry
+        dbs = self.dbs
+        value = format_txid(txids[dbs[0]]) if len(dbs) == 1 else "-".join([format_txid(txids[db]) for db in dbs])
+        expires = int(time.time() + self.expiry)
         if self.secret is not None:
-            payload = f"{value}.{int(expires):x}"
+            payload = f"{value}.{expires:x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
-        # Go's http.Cookie order, as LiteFS writes it; then our Secure and SameSite.
-        return f"{COOKIE_NAME}={value}; Path=/; Expires={_http_date(int(expires))}; HttpOnly" + (
-            "; Secure; SameSite=Lax" if secure else "; SameSite=Lax"
-        )
+        return f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
 
 
 def value_of(set_cookie: str) -> str:
