@@ -414,10 +414,11 @@ class LiteFSMiddleware:
 
     def _serve_write(self, environ, start_response) -> Iterable[bytes]:
         secure = environ.get("wsgi.url_scheme") == "https"
+        dbs, txid_of = self.config.db, self.watcher.txid
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
-            txids = {db: self.watcher.txid(db) for db in self.config.db}
+            txids = {db: txid_of(db) for db in dbs}
             if None in txids.values():
                 self._note_no_position(txids)
                 if all(txid is None for txid in txids.values()):
