@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=3, help="wrk's duration per case and round")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--app", choices=["flask", "wsgi"], default="flask")
+    parser.add_argument(
+        "--only", choices=["bare", "primary", "replica", "proxy"], nargs="+", help="run only these setups' cases"
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("needs wrk (Debian: apt-get install wrk)")
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             ("proxy GET, no cookie", "proxy", None, None, None),
             ("proxy GET, satisfied cookie", "proxy", COOKIE, None, "proxy GET, no cookie"),
         ]
+        if args.only:
+            keep = {name for name, server, *_ in cases if server in args.only}
+            keep |= {case[4] for case in cases if case[0] in keep and case[4]}  # and their baselines
+            cases = [case for case in cases if case[0] in keep]
         rps: dict[str, list[float]] = {name: [] for name, *_ in cases}
         for round_ in range(args.rounds):
             shift = round_ % len(cases)
