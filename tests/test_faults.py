@@ -48,6 +48,8 @@ PEER = textwrap.dedent(
         print("request", path, flush=True)
         if path == "/partial-length":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        elif path == "/partial-large":  # large enough for the proxy to splice(2) it
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000)
         elif path == "/partial-chunked":
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n")
         elif path == "/upload":
@@ -176,7 +178,7 @@ def recorder() -> Iterator[tuple[Recorder, str]]:
 # -- the target dies mid-response ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["length", "chunked"])
+@pytest.mark.parametrize("kind", ["length", "large", "chunked"])
 def test_target_dying_mid_response_cuts_the_client_off(tmp_path, mount, peer, kind):
     with proxy(tmp_path, mount, f"127.0.0.1:{peer.port}") as url:
         port = int(url.rsplit(":", 1)[1])
@@ -187,9 +189,10 @@ def test_target_dying_mid_response_cuts_the_client_off(tmp_path, mount, peer, ki
             answer = read_all(client)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), answer[:200]
-    if kind == "length":
-        assert b"Content-Length: 100000" in head
-        assert 1000 <= len(body) < 100000  # what came, and short: the client can tell
+    if kind in ("length", "large"):
+        size = 100000 if kind == "length" else 10000000
+        assert f"Content-Length: {size}".encode() in head
+        assert 1000 <= len(body) < size  # what came, and short: the client can tell
     else:
         assert b"Transfer-Encoding: chunked" in head
         assert b"x" * 1000 in body

@@ -80,6 +80,24 @@ def test_download_streams_every_byte(proxy):
     assert "Set-Cookie" not in headers  # a read gets no cookie
 
 
+def test_large_downloads_on_one_kept_alive_connection_stay_in_step(proxy):
+    # Bodies this large go from the target's socket to the client's by splice(2), behind
+    # gunicorn: each must end exactly where its Content-Length says, on both connections.
+    conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=30)
+    try:
+        for size in (3 * MB + 1, 1 * MB, 2 * MB + 5):
+            conn.request("GET", f"/download?size={size}")
+            response = conn.getresponse()
+            body = response.read()
+            assert (response.status, len(body)) == (200, size)
+            assert body == (PATTERN * (size // len(PATTERN) + 1))[:size]
+        conn.request("POST", "/body", body=b"after")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"after")
+    finally:
+        conn.close()
+
+
 def test_binary_body_with_every_byte_value(proxy):
     data = bytes(range(256)) * 1024
     status, _, body = request(proxy, "POST", "/body", body=data)
