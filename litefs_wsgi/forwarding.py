@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import re
 import select
 import socket
@@ -49,11 +46,6 @@ BLOCK = 1024 * 1024
 # leaves memory that glibc keeps: 4 downloads at once raised a worker's peak by 20 MiB with
 # 1 MiB blocks, and by 10 with these (bench/proxy_rps.py, the "peak RSS" column).
 ANSWER_BLOCK = 256 * 1024
-# The standalone proxy moves an answer's body of at least this size by splice(2) (_spliced),
-# through a pipe of this size.
-SPLICE_MIN = 256 * 1024
-SPLICE_PIPE = 1024 * 1024
-_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")  # Linux, Python 3.10+
 # A body up to this size is read whole before it is sent: it leaves with the head in one
 # write, and a request that met a connection the other side had just closed can be sent again.
 SMALL_BODY = 64 * 1024
@@ -286,14 +278,10 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
         return answer
 
 
-def body_of(
-    answer: Answer, sock: socket.socket, on_end: Callable[[bool], None], client: socket.socket | None = None
-) -> Iterable[bytes]:
+def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None]) -> Iterable[bytes]:
     """The answer's body as an iterable for a WSGI server. ``on_end(reusable)`` is called
     once: when the body is all read (``reusable``: the connection may carry another
-    request), or when it is closed early or fails (``False``). With ``client``, the WSGI
-    server's own socket to the client, a large body of known length is moved there by
-    ``splice(2)`` (see ``_spliced``)."""
+    request), or when it is closed early or fails (``False``)."""
     rest = answer.rest
     if answer.length is not None and len(rest) >= answer.length:
         # The whole body came with the head: no generator, the connection goes back at once.
@@ -312,8 +300,6 @@ def body_of(
         chunks = _chunked(answer, sock)
     elif answer.length is None:
         chunks = _until_closed(rest, sock)
-    elif client is not None and answer.length - len(rest) >= SPLICE_MIN and _can_splice(sock, client):
-        chunks = _spliced(rest, answer.length, sock, client)
     else:
         chunks = _sized(rest, answer.length, sock)
     return _Body(chunks, on_end, answer)
@@ -330,41 +316,6 @@ def _sized(rest: bytes, length: int, sock: socket.socket) -> Iterator[bytes]:
             raise BadAnswer(f"connection closed {left} bytes before the end of the body")
         left -= len(data)
         yield data
-
-
-def _can_splice(sock: socket.socket, client: socket.socket) -> bool:
-    # Plain sockets only (not TLS, whose bytes Python must encrypt), on Linux.
-    return _SPLICE and type(sock) is socket.socket and type(client) is socket.socket
-
-
-def _spliced(rest: bytes, length: int, sock: socket.socket, client: socket.socket) -> Iterator[bytes]:
-    """A body of ``length`` bytes, ``rest`` of them already read, moved from ``sock`` to the
-    client's socket by ``splice(2)`` through a pipe: the kernel moves the bytes, which never
-    enter Python, so a download costs one copy fewer each way.
-
-    The first item, ``rest`` (even empty), makes the WSGI server send the answer's head;
-    then the remaining bytes go to its socket directly, behind its back, and nothing else is
-    yielded. Only the standalone proxy asks for this (``Forwarder(splice=True)``): gunicorn
-    is then the only thing between this iterable and the client, and has framed the answer
-    by the relayed ``Content-Length``. The sockets' timeouts hold: a silent other side ends
-    the copy with ``BlockingIOError`` after ``read_timeout``, as ``_sized`` does."""
-    yield rest
-    left = length - len(rest)
-    read_end, write_end = os.pipe()
-    try:
-        with contextlib.suppress(OSError):  # 64 KiB unless the system allows this much
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SPLICE_PIPE)
-        upstream, downstream = sock.fileno(), client.fileno()
-        while left:
-            moved = os.splice(upstream, write_end, min(left, SPLICE_PIPE))
-            if not moved:
-                raise BadAnswer(f"connection closed {left} bytes before the end of the body")
-            left -= moved
-            while moved:
-                moved -= os.splice(read_end, downstream, moved)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
@@ -483,13 +434,8 @@ class Forwarder:
     connection (nothing sent) is tried again every 100 ms for up to ``connect_timeout``.
     """
 
-    def __init__(
-        self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10, splice: bool = False
-    ) -> None:
+    def __init__(self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10) -> None:
         self.connect_timeout = connect_timeout
-        # Large answers go straight to gunicorn's client socket (_spliced): only where gunicorn
-        # serves this app directly, with no middleware that would read the body around it.
-        self.splice = splice
         self.read_timeout = read_timeout
         self.pool_size = max(1, pool_size)
         self._read = read_timeout or None  # 0: no limit
@@ -628,8 +574,7 @@ class Forwarder:
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
         headers = response_headers(answer.headers, tokens=answer.tokens, lowers=answer.lowers)
         start_response(answer.status_line(), headers)
-        client = environ.get("gunicorn.socket") if self.splice else None
-        return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client)
+        return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable))
 
     def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):
         rewindable = body is None or isinstance(body, bytes)

@@ -48,7 +48,7 @@ PEER = textwrap.dedent(
         print("request", path, flush=True)
         if path == "/partial-length":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
-        elif path == "/partial-large":  # large enough for the proxy to splice(2) it
+        elif path == "/partial-large":  # many blocks: cut after the first
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000)
         elif path == "/partial-chunked":
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n")
