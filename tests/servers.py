@@ -161,6 +161,39 @@ def port_open(port: int) -> bool:
         return False
 
 
+class RawServer:
+    """A raw TCP server on 127.0.0.1 for tests that speak HTTP byte by byte: each accepted
+    connection is handed to ``_connection(conn, number)`` (numbered from 1) in its own thread.
+    Subclasses set their own state before calling ``__init__``, which starts accepting."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1  # only this thread counts
+            threading.Thread(target=self._connection, args=(conn, self.connections), daemon=True).start()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        raise NotImplementedError
+
+
 @contextlib.contextmanager
 def serve(app, port: int = 0) -> Iterator[str]:
     """Serve a WSGI app with werkzeug's threaded server; yields its base URL."""

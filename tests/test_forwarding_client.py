@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from servers import free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
+from servers import RawServer, free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
 from test_faults import read_all
 from werkzeug.test import EnvironBuilder
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(120)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-class Upstream:
+class Upstream(RawServer):
     """A raw HTTP/1.1 server. ``answer(request, n)`` gives the bytes to send for the ``n``-th
     request (from 1) on its connection, or None to close that connection without answering.
     ``requests`` records (connection number, method, path, body) of each complete request;
@@ -44,32 +44,9 @@ class Upstream:
         self.answer = answer or (lambda request, n: OK)
         self.idle_close = idle_close
         self.requests: list[tuple[int, str, str, bytes]] = []
-        self.connections = 0
         self.closed_idle = 0
         self._lock = threading.Condition()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.2)
-        self.port = self._server.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._server.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-            threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
+        super().__init__()
 
     def _connection(self, conn: socket.socket, number: int) -> None:
         buf = b""

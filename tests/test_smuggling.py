@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
+from servers import RawServer
 from test_faults import proxy, read_all
 
 from litefs_wsgi.testing import LiteFSMount
@@ -22,7 +22,7 @@ from litefs_wsgi.testing import LiteFSMount
 pytestmark = pytest.mark.timeout(120)
 
 
-class Recorder:
+class Recorder(RawServer):
     """A strict HTTP/1.1 server on 127.0.0.1 that records each request it can frame, any bytes
     it cannot (``malformed``) and requests cut short by a closed connection (``cut``),
     answering ``200 ok`` with keep-alive."""
@@ -31,27 +31,9 @@ class Recorder:
         self.requests: list[tuple[bytes, dict[bytes, list[bytes]], bytes]] = []
         self.malformed: list[bytes] = []
         self.cut: list[bytes] = []
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.2)
-        self.port = self._server.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._server.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
+    def _connection(self, conn: socket.socket, number: int) -> None:
         conn.settimeout(30)
         buf = bytearray()
         with conn:
