@@ -81,3 +81,16 @@ def litefs(_litefs_session):
         node.relay.delay = 0.0
         node.relay.resume()
     cluster.wait_replicated(cluster.primary.pos() or 0)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium with one page, driven over DevTools (the browser tests skip without it)."""
+    from test_browser import DevTools
+
+    devtools = DevTools(str(tmp_path / "profile"), str(tmp_path / "chromium.log"))
+    try:
+        devtools.open_page()
+        yield devtools
+    finally:
+        devtools.close()

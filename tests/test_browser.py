@@ -148,16 +148,6 @@ def cluster():
     nodes.stop()
 
 
-@pytest.fixture
-def browser(tmp_path):
-    devtools = DevTools(str(tmp_path / "profile"), str(tmp_path / "chromium.log"))
-    try:
-        devtools.open_page()
-        yield devtools
-    finally:
-        devtools.close()
-
-
 def test_browser_reads_its_own_note_on_the_replica(cluster, browser, tmp_path):
     replica = cluster.replica_base + "/"
     browser.call("Page.navigate", url=replica)

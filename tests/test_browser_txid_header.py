@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from flask import Flask, jsonify, request
 from servers import serve, wait_until
-from test_browser import CHROMIUM, DevTools
+from test_browser import CHROMIUM
 
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.testing import LiteFSMount
@@ -60,16 +60,6 @@ def create_api(mount: LiteFSMount, page_origin: str) -> Flask:
 def page(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
     return [b"<!doctype html><title>another origin</title><p>the page</p>"]
-
-
-@pytest.fixture
-def browser(tmp_path):
-    devtools = DevTools(str(tmp_path / "profile"), str(tmp_path / "chromium.log"))
-    try:
-        devtools.open_page()
-        yield devtools
-    finally:
-        devtools.close()
 
 
 def test_a_cross_origin_page_reads_its_own_write_with_the_header(tmp_path, browser):
