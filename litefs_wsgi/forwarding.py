@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import select
@@ -43,8 +44,8 @@ CHUNK = 64 * 1024
 BLOCK = 1024 * 1024
 # An answer's body is read in smaller blocks: a recv(2) on loopback returns a few hundred KiB
 # at most, so a larger block buys no speed, and each block allocated larger than it is filled
-# leaves memory that glibc keeps: 4 downloads at once raised a worker's peak by 20 MiB with
-# 1 MiB blocks, and by 10 with these (bench/proxy_rps.py, the "peak RSS" column).
+# leaves memory that glibc keeps: with 4 downloads of 64 MiB at once a worker peaked at 54-58
+# MiB with 1 MiB blocks, 43-47 MiB with these (before one arena per worker and malloc_trim).
 ANSWER_BLOCK = 256 * 1024
 # A body up to this size is read whole before it is sent: it leaves with the head in one
 # write, and a request that met a connection the other side had just closed can be sent again.
@@ -365,7 +366,6 @@ class _Body:
 
 
 TRIM_AFTER = 8 * 1024 * 1024
-_trim: list[Callable[[int], int] | None] = []
 
 
 def after_large_body(size: int) -> None:
@@ -374,17 +374,18 @@ def after_large_body(size: int) -> None:
     scattered pieces, so four 64 MiB downloads at once left a worker's peak RSS 8 MiB higher
     without this (bench/proxy_rps.py); a trim takes well under a millisecond, with the GIL
     released, once per large body."""
-    if size < TRIM_AFTER:
-        return
-    if not _trim:
-        try:
-            import ctypes
+    if size >= TRIM_AFTER and (trim := _malloc_trim()) is not None:
+        trim(0)
 
-            _trim.append(ctypes.CDLL(None).malloc_trim)
-        except (OSError, AttributeError):  # not glibc
-            _trim.append(None)
-    if _trim[0] is not None:
-        _trim[0](0)
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 class FailureLog:

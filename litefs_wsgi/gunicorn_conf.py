@@ -70,9 +70,9 @@ loglevel = "info"
 # One malloc arena per worker, not one per thread: glibc gives each thread that allocates
 # an arena of its own (up to 8 per core), and each keeps what it freed, so 32 threads that
 # each relayed a download keep far more than one would. Python allocates under its GIL, so
-# the threads never wait on one arena. Measured: 4 downloads of 64 MiB raised a worker's peak
-# RSS by 20 MiB with an arena per thread, by 10 with one (bench/proxy_rps.py). Set in the
-# master, so every worker forks with it; MALLOC_ARENA_MAX in the environment wins.
+# the threads never wait on one arena. Measured with 4 downloads of 64 MiB at once and 256 KiB
+# blocks: a worker peaked at up to 43 MiB with an arena per thread, 37-39 MiB with one. Set in
+# the master, so every worker forks with it; MALLOC_ARENA_MAX in the environment wins.
 def _one_malloc_arena() -> None:
     if os.environ.get("MALLOC_ARENA_MAX") or platform.libc_ver()[0] != "glibc":
         return
