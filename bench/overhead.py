@@ -17,22 +17,32 @@ The ratio is the wrapped app's throughput as a share of the bare app's (1.00: fr
 request executes (the difference between runs of two request counts, so start-up cancels out):
 the same figure on a busy machine as on a quiet one, where CPU times move by tens of percent.
 It leaves out the time spent in the kernel (the ``-pos`` file read of a write).
+
+``--litefs`` runs the same cases on a real LiteFS cluster (tests/litefs_cluster.py: node a
+the primary, node b a replica; needs the ``litefs`` binary and FUSE), where every control
+file read is a round trip to the LiteFS daemon, and the POST's view inserts a row (bare and
+wrapped alike), as a write does. It times the wall clock: the calling thread waits for the
+daemon, which CPU time would leave out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 
 import flask
+from common import ROOT
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from litefs_wsgi import LiteFSMiddleware
@@ -41,19 +51,28 @@ from litefs_wsgi.testing import LiteFSMount
 BODY = "x" * 200
 
 
-def flask_app() -> flask.Flask:
+def flask_app(db_path: str | None = None) -> flask.Flask:
+    """The app; with ``db_path``, a POST inserts a row there on one kept connection."""
     app = flask.Flask("bench")
-    app.add_url_rule("/items", "items", lambda: BODY, methods=["GET", "POST"])
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False) if db_path else None
+
+    def items() -> str:
+        if db is not None and flask.request.method == "POST":
+            db.execute("INSERT INTO items (body) VALUES (?)", (BODY,))
+        return BODY
+
+    app.add_url_rule("/items", "items", items, methods=["GET", "POST"])
     return app
 
 
-def per_request(app, environ: dict, n: int) -> float:
-    """CPU seconds per request, the answer read and closed as a server would. This thread's
-    CPU time, not the wall clock: other processes on a shared machine then shift it little."""
-    started = time.thread_time()
+def per_request(app, environ: dict, n: int, clock=time.thread_time) -> float:
+    """Seconds per request, the answer read and closed as a server would. By default this
+    thread's CPU time, not the wall clock: other processes on a shared machine then shift it
+    little."""
+    started = clock()
     for _ in range(n):
         run_wsgi_app(app, environ.copy(), buffered=True)  # buffered: read whole and closed
-    return (time.thread_time() - started) / n
+    return (clock() - started) / n
 
 
 def environ(method: str, cookie: str | None = None) -> dict:
@@ -61,25 +80,49 @@ def environ(method: str, cookie: str | None = None) -> dict:
     return EnvironBuilder(path="/items", method=method, headers=headers).get_environ()
 
 
-def setup(tmp: str) -> tuple:
-    """The bare app and the cases: (name, wrapped app, environ), each checked once."""
-    primary, replica = LiteFSMount(f"{tmp}/primary"), LiteFSMount(f"{tmp}/replica")
-    primary.make_primary()
-    primary.set_position("app.db", 42)
-    replica.make_replica("node-a")
-    replica.set_position("app.db", 42)
-    on_primary = LiteFSMiddleware(flask_app().wsgi_app, db="app.db", mount_dir=primary.path, forward="http")
-    on_replica = LiteFSMiddleware(flask_app().wsgi_app, db="app.db", mount_dir=replica.path, forward="http")
+def setup(tmp: str, cluster=None) -> tuple:
+    """The bare app and the cases: (name, wrapped app, environ), each checked once. With
+    ``cluster`` (a running tests/litefs_cluster.Cluster), on its mounts."""
+    if cluster is None:
+        primary, replica = LiteFSMount(f"{tmp}/primary"), LiteFSMount(f"{tmp}/replica")
+        primary.make_primary()
+        primary.set_position("app.db", 42)
+        replica.make_replica("node-a")
+        replica.set_position("app.db", 42)
+        primary_dir, replica_dir, db_path, txid = primary.path, replica.path, None, 42
+    else:
+        primary_dir, replica_dir = str(cluster.primary.fuse_dir), str(cluster.replica.fuse_dir)
+        db_path = os.path.join(primary_dir, "app.db")
+        with sqlite3.connect(db_path) as db:
+            db.executescript("PRAGMA journal_mode = WAL; CREATE TABLE IF NOT EXISTS items (body TEXT);")
+        txid = cluster.primary.pos()
+        cluster.wait_replicated(txid)
+    options = {"db": "app.db", "forward": "http"}
+    on_primary = LiteFSMiddleware(flask_app(db_path).wsgi_app, mount_dir=primary_dir, **options)
+    on_replica = LiteFSMiddleware(flask_app(db_path).wsgi_app, mount_dir=replica_dir, **options)
     cases = [
         ("primary read (GET, no cookie)", on_primary, environ("GET")),
-        ("replica read (cookie satisfied)", on_replica, environ("GET", "000000000000002a")),
+        ("replica read (cookie satisfied)", on_replica, environ("GET", f"{txid:016x}")),
         ("primary write (POST, cookie set)", on_primary, environ("POST")),
     ]
     for _name, wrapped, env in cases:  # warm up, and check that each case is what it says
         _body, status, headers = run_wsgi_app(wrapped, env.copy(), buffered=True)
         assert status.startswith("200"), status
         assert ("Set-Cookie" in headers) == (env["REQUEST_METHOD"] == "POST"), headers
-    return flask_app().wsgi_app, cases
+    return flask_app(db_path).wsgi_app, cases
+
+
+@contextlib.contextmanager
+def litefs_cluster(tmp: str) -> Iterator:
+    """A running two-node LiteFS cluster (tests/litefs_cluster.py), or SystemExit saying why not."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from litefs_cluster import Cluster, unusable_reason
+
+    why = unusable_reason()
+    if why:
+        raise SystemExit(f"--litefs: {why}")
+    with Cluster(os.path.join(tmp, "cluster")) as cluster:
+        yield cluster
 
 
 def count_instructions(args: argparse.Namespace) -> int:
@@ -114,38 +157,65 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("-n", type=int, default=2000, help="requests per case, per round")
+    parser.add_argument("-n", type=int, help="requests per case, per round (default: 2000, 300 with --litefs)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians are printed")
     parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
+    parser.add_argument("--litefs", action="store_true", help="on a real LiteFS cluster, by the wall clock")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.n = args.n or (300 if args.litefs else 2000)
     if args.instructions:
         return count_instructions(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        bare, cases = setup(tmp)
+    if args.litefs and (args.instructions or args.one):
+        parser.error("--litefs times the wall clock; it does not count instructions")
+    clock = time.perf_counter if args.litefs else time.thread_time
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(litefs_cluster(tmp)) if args.litefs else None
+        bare, cases = setup(tmp, cluster)
         if args.one:  # one case, one side, for count_instructions
             name, wrapped, env = cases[int(args.one[0])]
             app = bare if args.one[1] == "bare" else wrapped
             for _ in range(args.n):
                 run_wsgi_app(app, env.copy(), buffered=True)
             return 0
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in cases}
-        for _ in range(args.rounds):
+        # With --litefs, the wrapped app twice: its -pos file opened for each read (a process
+        # beside LiteFS), and read through a kept descriptor (one that LiteFS's exec: started).
+        nodes = {id(wrapped.watcher.node): wrapped.watcher.node for _, wrapped, _ in cases}
+        for node in nodes.values():
+            stack.callback(node.close)  # before the cluster stops: LiteFS cannot unmount past them
+        keep = [False, True] if args.litefs else [None]  # node.keep_open of each wrapped side
+        samples: dict[str, list[list[float]]] = {name: [] for name, _, _ in cases}
+        for index in range(args.rounds):
             for name, wrapped, env in cases:
-                samples[name].append((per_request(bare, env, args.n), per_request(wrapped, env, args.n)))
+                # The bare app (side 0) first in one round, last in the next: whatever drifts
+                # within a round (the machine, the heap) falls on every side alike.
+                sides = list(range(len(keep) + 1))
+                times = [0.0] * len(sides)
+                for side in sides if index % 2 == 0 else reversed(sides):
+                    if side and keep[side - 1] is not None:
+                        for node in nodes.values():
+                            node.keep_open = keep[side - 1]
+                    times[side] = per_request(wrapped if side else bare, env, args.n, clock)
+                samples[name].append(times)
+    where = "a real LiteFS cluster, wall clock" if args.litefs else "CPU time"
     print(
-        f"python {sys.version.split()[0]}, Flask {version('flask')}, CPU time, "
+        f"python {sys.version.split()[0]}, Flask {version('flask')}, {where}, "
         f"{args.n} requests per case and round, medians of {args.rounds} interleaved rounds"
     )
-    header = f"{'case':<34} {'bare µs':>8} {'wrapped µs':>11} {'added µs':>9} {'ratio':>6}"
+    labels = ["-pos opened", "-pos kept open (exec:)"] if args.litefs else ["wrapped"]
+    widths = [max(11, len(label) + 3) for label in labels]
+    header = f"{'case':<34} {'bare µs':>8}"
+    header += "".join(f" | {label + ' µs':>{width}} {'ratio':>6}" for label, width in zip(labels, widths))
     print(header)
     print("-" * len(header))
-    for name, pairs in samples.items():
-        bare_t = statistics.median(b for b, _ in pairs)
-        wrapped_t = statistics.median(w for _, w in pairs)
-        ratio = statistics.median(b / w for b, w in pairs)  # throughput kept, per round
-        added = (wrapped_t - bare_t) * 1e6
-        print(f"{name:<34} {bare_t * 1e6:>8.1f} {wrapped_t * 1e6:>11.1f} {added:>9.1f} {ratio:>6.2f}")
+    for name, rounds in samples.items():
+        bare_t = statistics.median(r[0] for r in rounds)
+        line = f"{name:<34} {bare_t * 1e6:>8.1f}"
+        for side, width in enumerate(widths, 1):
+            wrapped_t = statistics.median(r[side] for r in rounds)
+            ratio = statistics.median(r[0] / r[side] for r in rounds)  # throughput kept, per round
+            line += f" | {wrapped_t * 1e6:>{width}.1f} {ratio:>6.2f}"
+        print(line)
     return 0
 
 

@@ -77,6 +77,7 @@ class Watcher:
         self._cond = threading.Condition()
         self._waiters = []
         self._thread = None
+        self.node.after_fork()
         self.forget()
         if self.api_url:
             self.events = EventStream(self.api_url, self._on_event)
@@ -84,6 +85,7 @@ class Watcher:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+        self.node.close()
 
     # -- state -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ bound itself, whatever the machine's load.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -18,6 +19,8 @@ from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.cookie import cookie_value
+from litefs_wsgi.node import KEEP_FOR, RETIRED_FOR, Node
+from litefs_wsgi.txid import Pos, format_pos
 from litefs_wsgi.watcher import STATE_TTL
 
 
@@ -197,3 +200,55 @@ _pieces = st.sampled_from(["__txid", "=", ";", " ", "\t", '"', "\\", "0000000000
 @given(st.lists(_pieces, max_size=14).map("".join))
 def test_cookie_value_is_gos_on_any_header(header):
     assert cookie_value(header) == go_cookie(header)
+
+
+def open_descriptors(path: str) -> int:
+    """Descriptors of this process open on ``path``, or on a file once there ("... (deleted)")."""
+    target = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(target)
+        except OSError:  # the descriptor listdir itself used, closed since
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_kept_descriptors_serve_for_keep_for_and_are_closed_after_retired_for(mount):
+    # What a process under LiteFS's exec: does (tests/test_litefs.py runs it there for real).
+    node = Node(mount.path, keep_open=True)
+    clock = node.clock = Clock()
+    pos = os.path.join(mount.path, "app.db-pos")
+    mount.set_position("app.db", 5)
+    assert node.txid("app.db") == 5
+    assert open_descriptors(pos) == 1
+    with open(pos, "r+b") as f:  # LiteFS changes the file it serves, not another one
+        f.write(format_pos(Pos(6, 6)))
+    assert node.txid("app.db") == 6  # through the kept descriptor, at once
+    mount.set_position("app.db", 7)  # a new file in its place: a database dropped and made again
+    clock.advance(KEEP_FOR)
+    assert node.txid("app.db") == 7  # opened again after KEEP_FOR
+    assert open_descriptors(pos) == 2  # the one replaced stays open: a thread may be reading it
+    clock.advance(RETIRED_FOR)
+    assert node.txid("app.db") == 7
+    assert open_descriptors(pos) == 2  # the first closed, RETIRED_FOR after it was replaced
+    node.close()
+    assert open_descriptors(pos) == 0
+
+
+def test_a_kept_descriptor_is_never_kept_for_a_database_not_made_yet(mount):
+    node = Node(mount.path, keep_open=True)
+    node.clock = Clock()
+    assert node.txid("new.db") is None
+    mount.set_position("new.db", 1)
+    assert node.txid("new.db") == 1  # at once: a missing file is opened again on each read
+    node.close()
+
+
+def test_outside_litefs_exec_no_descriptor_is_kept(mount):
+    node = Node(mount.path)
+    assert node.keep_open is False  # pytest has no `litefs mount` among its ancestors
+    mount.set_position("app.db", 3)
+    assert node.txid("app.db") == 3
+    assert open_descriptors(os.path.join(mount.path, "app.db-pos")) == 0

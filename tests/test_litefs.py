@@ -11,10 +11,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
+import signal
+import sys
 import uuid
 from http.cookies import SimpleCookie
 
 import pytest
+import yaml
 from litefs_cluster import LiteFSNode, mounted, wait_for
 from servers import form_request, recording_app
 from werkzeug.test import Client
@@ -186,3 +190,40 @@ def test_the_mount_check_on_a_real_mount_and_on_the_mount_point_litefs_left(tmp_
         assert len(calls) == served + 1  # nothing reached the app while the mount was gone
     finally:
         node.close()
+
+
+def test_under_litefs_exec_positions_are_read_through_kept_descriptors_and_litefs_still_unmounts(tmp_path):
+    # A descriptor kept open on the mount would keep LiteFS from unmounting (fusermount3:
+    # "Device or resource busy"), unless the process holding it has exited first, as LiteFS's
+    # exec: has when LiteFS unmounts. What LiteFS's own invalidation promises is checked too:
+    # after each commit, the kept descriptor reads the same position as a fresh open.
+    node = LiteFSNode(tmp_path, "solo")
+    node.configure(node)
+    report = tmp_path / "report.json"
+    child = os.path.join(os.path.dirname(__file__), "pos_exec_child.py")
+    config = yaml.safe_load(node.config_path.read_text())
+    config["exec"] = [{"cmd": f"{sys.executable} {child} {node.fuse_dir} {report}"}]
+    node.config_path.write_text(yaml.safe_dump(config))
+    try:
+        node.start()
+        seen = json.loads(wait_for(lambda: report.exists() and report.read_text(), 60, "the exec child's report"))
+        assert seen["keep_open"] is True  # it found `litefs mount` among its ancestors
+        assert seen["kept"] == seen["opened"]  # never a stale position through the kept descriptor
+        first = seen["kept"][0]
+        assert seen["kept"] == list(range(first, first + len(seen["kept"])))  # one TXID per commit
+        assert seen["descriptors"] >= 1  # kept (and any replaced one not closed yet), open while LiteFS runs
+
+        node.proc.send_signal(signal.SIGTERM)  # LiteFS stops its exec child, then unmounts
+        assert node.proc.wait(30) == 0, node.log_tail()
+        assert "litefs shut down complete" in node.log_tail()
+        assert not mounted(node.fuse_dir)  # by LiteFS itself: nothing here unmounted it
+    finally:
+        node.close()
+
+
+def test_a_process_beside_litefs_opens_the_position_file_for_each_read(litefs):
+    node = Node(str(litefs.primary.fuse_dir))
+    assert node.keep_open is False  # pytest is no child of `litefs mount`
+    assert node.txid("app.db") == litefs.primary.pos()
+    pos = os.path.realpath(litefs.primary.fuse_dir / "app.db-pos")
+    assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == pos]
