@@ -137,11 +137,13 @@ class Answer:
         "parser",
         "rest",
         "upgrade",
+        "relay",
+        "line",
     )
 
     def __init__(self) -> None:
         self.reason = ""
-        self.headers: list[tuple[str, str]] = []  # as sent, in order, latin-1
+        self.headers: list[tuple[str, str]] = []  # as sent, in order, latin-1 (a tuple in a template and its copies)
         self.lowers: list[str] = []  # their names in lower case, in the same order
         self.done = False  # the head is complete
         self.complete = False  # the whole message is
@@ -151,6 +153,8 @@ class Answer:
         self.chunked = False
         self.connection: str | None = None
         self.upgrade = False
+        self.relay: tuple[tuple[str, str], ...] | None = None  # the headers to relay, once known
+        self.line: str | None = None  # status_line(), once known
 
     # httptools callbacks (none per header: see take_head)
     def on_message_begin(self) -> None:
@@ -202,13 +206,54 @@ class Answer:
 
     def status_line(self) -> str:
         """The answer's status line for ``start_response``."""
-        return f"{self.status} {self.reason}" if self.reason else status_line(self.status)
+        if self.line is None:
+            self.line = f"{self.status} {self.reason}" if self.reason else status_line(self.status)
+        return self.line
+
+    def relayed(self) -> list[tuple[str, str]]:
+        """The headers to relay (``response_headers``): a new list, the server's to keep."""
+        if self.relay is not None:
+            return list(self.relay)
+        return response_headers(self.headers, tokens=self.tokens, lowers=self.lowers)
+
+    def template(self) -> Answer:
+        """This answer's head, for ``_KNOWN_HEADS``: what ``fresh`` copies, worked out once."""
+        known = Answer()
+        known.status, known.reason, known.length, known.keep_alive = (
+            self.status,
+            self.reason,
+            self.length,
+            self.keep_alive,
+        )
+        known.headers, known.lowers, known.tokens = tuple(self.headers), tuple(self.lowers), self.tokens
+        known.relay, known.line = tuple(self.relayed()), self.status_line()
+        return known
+
+    def fresh(self, rest: bytes) -> Answer:
+        """A new answer with the head of this template and ``rest`` read past it."""
+        answer = Answer()
+        answer.status, answer.reason, answer.length, answer.keep_alive = (
+            self.status,
+            self.reason,
+            self.length,
+            self.keep_alive,
+        )
+        answer.headers, answer.lowers, answer.tokens = self.headers, self.lowers, self.tokens
+        answer.relay, answer.line, answer.rest, answer.done = self.relay, self.line, rest, True
+        return answer
 
 
 _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 # An app sends the same header lines again and again (only Date changes, once a second):
 # each is split once. Bounded: the lines are the other side's to choose.
 _HEADER_LINES: dict[str, tuple[tuple[str, str], str]] = {}
+# And mostly the same heads: within a second, every answer of one view has the same head,
+# byte for byte. A head llhttp accepted once is accepted again, and means the same again, so
+# it is checked, split and filtered once; later answers with it are copied from a template.
+# Only heads of a known length or none (not chunked, not an upgrade, not 1xx), up to
+# KNOWN_HEAD_MAX bytes; bounded like _HEADER_LINES.
+_KNOWN_HEADS: dict[bytes, Answer] = {}
+KNOWN_HEAD_MAX = 2048
 
 
 def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
@@ -220,14 +265,23 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
     after the read timeout."""
     received = bool(data)
     while True:
-        answer = Answer()
-        parser = httptools.HttpResponseParser(answer)
+        answer = parser = None
         fed = 0
         while True:
             end = data.find(b"\r\n\r\n", max(0, fed - 3))
             try:
                 if end >= 0:
                     end += 4
+                    if not fed and end <= KNOWN_HEAD_MAX:
+                        known = _KNOWN_HEADS.get(data[:end])
+                        if known is not None:
+                            answer = known.fresh(data[end:])
+                            if method == "HEAD":
+                                answer.length = 0
+                            return answer
+                    if parser is None:
+                        answer = Answer()
+                        parser = httptools.HttpResponseParser(answer)
                     parser.feed_data(data[fed:end] if fed else data[:end])
                     if not answer.done:
                         raise BadAnswer("malformed head")
@@ -235,6 +289,9 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
                 if fed < len(data):
                     # Fed as it comes, so that llhttp refuses a bad head (bare LF line ends,
                     # say) at once instead of this waiting for a CRLF CRLF that never comes.
+                    if parser is None:
+                        answer = Answer()
+                        parser = httptools.HttpResponseParser(answer)
                     parser.feed_data(data[fed:])
                     fed = len(data)
                     if answer.done:
@@ -264,18 +321,25 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
         if 100 <= status < 200 and status != 101:
             data = answer.rest  # 100 Continue, 103 Early Hints: WSGI relays only the final answer
             continue
-        answer.take_head(data[:end])
+        head = data[:end]
+        answer.take_head(head)
         tokens = answer.tokens = _connection_tokens(answer.connection)
         if parser.get_http_version() == "1.1":
             answer.keep_alive = "close" not in tokens
         else:
             answer.keep_alive = "keep-alive" in tokens
-        if method == "HEAD" or status == 204 or status == 304 or status == 101:
+        if status == 204 or status == 304 or status == 101:
             answer.length, answer.chunked = 0, False
         elif answer.chunked:
             answer.length, answer.parser = None, parser
         elif answer.length is None:
             answer.keep_alive = False  # the body ends when the connection does
+        if not answer.chunked and not answer.upgrade and len(head) <= KNOWN_HEAD_MAX:
+            if len(_KNOWN_HEADS) >= 256:
+                _KNOWN_HEADS.clear()  # a new Date each second, a Set-Cookie each answer: start again
+            _KNOWN_HEADS[head] = answer.template()
+        if method == "HEAD":
+            answer.length, answer.chunked = 0, False
         return answer
 
 
@@ -573,8 +637,7 @@ class Forwarder:
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
-        headers = response_headers(answer.headers, tokens=answer.tokens, lowers=answer.lowers)
-        start_response(answer.status_line(), headers)
+        start_response(answer.status_line(), answer.relayed())
         return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable))
 
     def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):

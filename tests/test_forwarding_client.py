@@ -284,6 +284,50 @@ def test_answers_without_a_body_keep_the_connection_in_step(upstream_factory):
     assert {n for n, *_ in upstream.requests} == {1}
 
 
+def test_a_head_seen_before_is_answered_as_the_first_time(upstream_factory):
+    # Within a second an app sends the same head again and again: the second and later ones
+    # are copied from what the first gave (forwarding._KNOWN_HEADS), with the method's framing.
+    get_first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen: get-first\r\n\r\n"
+    head_first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen: head-first\r\n\r\n"
+    upstream = upstream_factory(
+        lambda request, n: (
+            (get_first if request["path"] == "/a" else head_first) + (b"" if request["method"] == "HEAD" else b"ok")
+        )
+    )
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    for method, path in [("GET", "/a"), ("HEAD", "/a"), ("GET", "/a"), ("HEAD", "/b"), ("GET", "/b"), ("HEAD", "/b")]:
+        status, headers, body = forward(forwarder, upstream.url, method, path)
+        assert (status, body) == (200, b"" if method == "HEAD" else b"ok"), (method, path)
+        assert headers == [("Content-Length", "2"), ("X-Seen", "get-first" if path == "/a" else "head-first")]
+        headers.append(("X-Added", "by the server"))  # the list is the server's: the next answer has its own
+    assert {n for n, *_ in upstream.requests} == {1}  # no body taken from the next answer
+
+
+def test_a_repeated_head_that_closes_the_connection_closes_it_each_time(upstream_factory):
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    upstream = upstream_factory(lambda request, n: (closing, "close"))
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    for _ in range(3):
+        status, headers, body = forward(forwarder, upstream.url, "GET", "/")
+        assert (status, body) == (200, b"ok")
+        assert not [name for name, _ in headers if name.lower() == "connection"]
+        assert pooled(forwarder) == []
+    assert [n for n, *_ in upstream.requests] == [1, 2, 3]
+
+
+def test_known_heads_are_bounded(upstream_factory):
+    upstream = upstream_factory(lambda request, n: b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 2\r\n\r\nok" % n)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    for n in range(1, 301):  # each answer's head new, as with a Set-Cookie per answer
+        status, headers, body = forward(forwarder, upstream.url, "GET", "/")
+        assert (status, headers[0], body) == (200, ("X-N", str(n)), b"ok")
+        assert len(forwarding._KNOWN_HEADS) <= 256
+    long = b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * forwarding.KNOWN_HEAD_MAX + b"\r\nContent-Length: 2\r\n\r\nok"
+    upstream.answer = lambda request, n: long
+    assert forward(forwarder, upstream.url, "GET", "/")[::2] == (200, b"ok")
+    assert not [head for head in forwarding._KNOWN_HEADS if b"X-Long" in head]  # too long to keep
+
+
 def test_chunked_answer_with_extensions_and_trailers(upstream_factory):
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
