@@ -247,12 +247,13 @@ _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 # An app sends the same header lines again and again (only Date changes, once a second):
 # each is split once. Bounded: the lines are the other side's to choose.
 _HEADER_LINES: dict[str, tuple[tuple[str, str], str]] = {}
-# And mostly the same heads: within a second, every answer of one view has the same head,
-# byte for byte. A head llhttp accepted once is accepted again, and means the same again, so
-# it is checked, split and filtered once; later answers with it are copied from a template.
-# Only heads of a known length or none (not chunked, not an upgrade, not 1xx), up to
-# KNOWN_HEAD_MAX bytes; bounded like _HEADER_LINES.
+# And often the same heads: within a second, every answer of one view of a fixed length has
+# the same head, byte for byte. A head llhttp accepted once is accepted again, and means the
+# same again, so from its second time on it is checked, split and filtered once; later answers
+# with it are copied from a template (_remember). Only heads of a known length or none (not
+# chunked, not an upgrade, not 1xx), up to KNOWN_HEAD_MAX bytes; bounded like _HEADER_LINES.
 _KNOWN_HEADS: dict[bytes, Answer] = {}
+_SEEN_HEADS: set[bytes] = set()
 KNOWN_HEAD_MAX = 2048
 
 
@@ -335,12 +336,23 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
         elif answer.length is None:
             answer.keep_alive = False  # the body ends when the connection does
         if not answer.chunked and not answer.upgrade and len(head) <= KNOWN_HEAD_MAX:
-            if len(_KNOWN_HEADS) >= 256:
-                _KNOWN_HEADS.clear()  # a new Date each second, a Set-Cookie each answer: start again
-            _KNOWN_HEADS[head] = answer.template()
+            _remember(head, answer)
         if method == "HEAD":
             answer.length, answer.chunked = 0, False
         return answer
+
+
+def _remember(head: bytes, answer: Answer) -> None:
+    """Keep ``answer`` as the template of ``head`` the second time ``head`` comes: a head
+    seen once only (its own Content-Length, Set-Cookie or ETag) costs a set entry, no template."""
+    if head not in _SEEN_HEADS:
+        if len(_SEEN_HEADS) >= 256:
+            _SEEN_HEADS.clear()  # a new Date each second, a Set-Cookie each answer: start again
+        _SEEN_HEADS.add(head)
+        return
+    if len(_KNOWN_HEADS) >= 256:
+        _KNOWN_HEADS.clear()
+    _KNOWN_HEADS[head] = answer.template()
 
 
 def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None]) -> Iterable[bytes]:

@@ -321,7 +321,7 @@ def test_known_heads_are_bounded(upstream_factory):
     for n in range(1, 301):  # each answer's head new, as with a Set-Cookie per answer
         status, headers, body = forward(forwarder, upstream.url, "GET", "/")
         assert (status, headers[0], body) == (200, ("X-N", str(n)), b"ok")
-        assert len(forwarding._KNOWN_HEADS) <= 256
+        assert len(forwarding._KNOWN_HEADS) <= 256 and len(forwarding._SEEN_HEADS) <= 256
     long = b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * forwarding.KNOWN_HEAD_MAX + b"\r\nContent-Length: 2\r\n\r\nok"
     upstream.answer = lambda request, n: long
     assert forward(forwarder, upstream.url, "GET", "/")[::2] == (200, b"ok")
