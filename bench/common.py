@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,3 +83,18 @@ def standalone_proxy(config: str, port: int, threads: int, args: tuple[str, ...]
     """The standalone proxy (``gunicorn -c gunicorn.conf.py ARGS``, one worker) reading ``config``."""
     env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": str(threads)}
     return gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py"), *args], port, env, ROOT, **popen)
+
+
+def callgrind_instructions(script: str, args: list[str]) -> int:
+    """The CPU instructions ``python script ARGS`` executes, counted by valgrind's callgrind
+    (with a fixed hash seed, so that two runs differ only by what they were asked to do)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, script, *args]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONHASHSEED": "0"}
+    )
+    found = re.search(r"Collected : (\d+)", run.stderr)
+    if found is None:
+        raise SystemExit(f"callgrind counted nothing for {' '.join(args)}:\n{run.stderr[-2000:]}")
+    return int(found[1])

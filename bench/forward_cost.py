@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import free_port, gunicorn
+from common import callgrind_instructions, free_port, gunicorn
 
 CASES = ("minimal", "forwarder", "proxy", "proxy, cookie")
 
@@ -103,22 +100,8 @@ def per_request(app, env: dict, n: int) -> float:
 
 
 def count_instructions(args: argparse.Namespace, target: str) -> None:
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
-
     def instructions(case: int, n: int) -> int:
-        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__]
-        run = subprocess.run(
-            [*command, "--one", str(case), target, "-n", str(n)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        found = re.search(r"Collected : (\d+)", run.stderr)
-        if found is None:
-            raise SystemExit(f"callgrind counted nothing for {CASES[case]}:\n{run.stderr[-2000:]}")
-        return int(found[1])
+        return callgrind_instructions(__file__, ["--one", str(case), target, "-n", str(n)])
 
     n = max(args.n // 4, 200)
     print(f"python {sys.version.split()[0]}, instructions per request (callgrind, {n} and {2 * n} requests)")

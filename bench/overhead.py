@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +39,7 @@ from collections.abc import Iterator
 from importlib.metadata import version
 
 import flask
-from common import ROOT
+from common import ROOT, callgrind_instructions
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from litefs_wsgi import LiteFSMiddleware
@@ -154,19 +151,8 @@ def position_reads(cluster, rounds: int, n: int = 50) -> list[str]:
 
 
 def count_instructions(args: argparse.Namespace) -> int:
-    if shutil.which("valgrind") is None:
-        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
-
     def instructions(case: int, side: str, n: int) -> int:
-        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__]
-        run = subprocess.run(
-            [*command, "--one", str(case), side, "-n", str(n)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        return int(re.search(r"Collected : (\d+)", run.stderr)[1])
+        return callgrind_instructions(__file__, ["--one", str(case), side, "-n", str(n)])
 
     n = max(args.n // 4, 200)
     print(f"python {sys.version.split()[0]}, Flask {version('flask')}, instructions per request (callgrind, {n})")

@@ -217,17 +217,11 @@ class Answer:
         return response_headers(self.headers, tokens=self.tokens, lowers=self.lowers)
 
     def template(self) -> Answer:
-        """This answer's head, for ``_KNOWN_HEADS``: what ``fresh`` copies, worked out once."""
-        known = Answer()
-        known.status, known.reason, known.length, known.keep_alive = (
-            self.status,
-            self.reason,
-            self.length,
-            self.keep_alive,
-        )
-        known.headers, known.lowers, known.tokens = tuple(self.headers), tuple(self.lowers), self.tokens
-        known.relay, known.line = tuple(self.relayed()), self.status_line()
-        return known
+        """This answer's head, for ``_KNOWN_HEADS``: what ``fresh`` copies, worked out once
+        (this answer keeps it too)."""
+        self.headers, self.lowers = tuple(self.headers), tuple(self.lowers)
+        self.relay, self.line = tuple(self.relayed()), self.status_line()
+        return self.fresh(b"")
 
     def fresh(self, rest: bytes) -> Answer:
         """A new answer with the head of this template and ``rest`` read past it."""
