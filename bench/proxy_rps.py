@@ -17,8 +17,9 @@ The other Python proxies run under gunicorn with the workers and threads the sta
 gets by default, no access log; nginx with as many workers. Loads (wrk, keep-alive): GET of a
 512-byte answer at 32 and at 4 connections; GET at 32 with a ``__txid`` cookie the primary has
 reached (LiteFS and litefs-wsgi check it, the others just pass it on); a 64 MiB download at 4.
-Rounds are interleaved (each load on each setup in turn, then again) and the medians of the
-ratios to direct are printed, with each worker's peak RSS (VmHWM). The machine's cores are
+Rounds are interleaved (each load on each setup in turn, then again; each round starts at
+another setup) and the medians of the ratios to direct are printed, with each worker's peak RSS
+(VmHWM); the proxy against the others is the median of their ratio within each round. The machine's cores are
 shared by wrk, the proxies and the app: read the ratios, not the absolute figures.
 """
 
@@ -306,18 +307,26 @@ def main(argv: list[str] | None = None) -> int:
                 wrk(setup.url, path, connections, 1, cookie if with_cookie else None)
         ratios: dict[tuple[str, str], list[float]] = {}
         absolute: dict[str, list[float]] = {}
+        per_round: list[dict[tuple[str, str], float]] = []  # req/s of each setup and load, by round
         problems: set[str] = set()
-        for _ in range(args.rounds):
+        for index in range(args.rounds):
+            measured: dict[tuple[str, str], float] = {}
             for load, (path, connections, with_cookie) in loads.items():
-                base = None
-                for setup in setups:
+                # Each round starts at another setup: none always follows the same one (werkzeug's
+                # closed connections, say) or always comes first.
+                shift = index % len(setups)
+                for setup in setups[shift:] + setups[:shift]:
                     rps, problem = wrk(setup.url, path, connections, args.seconds, cookie if with_cookie else None)
                     if problem:
                         problems.add(f"{setup.name}, {load}: {problem}")
-                    if setup is direct:
-                        base = rps
-                        absolute.setdefault(load, []).append(rps)
-                    ratios.setdefault((setup.name, load), []).append(rps / base if base else 0.0)
+                    measured[(setup.name, load)] = rps
+                base = measured[(direct.name, load)]
+                absolute.setdefault(load, []).append(base)
+                for setup in setups:
+                    ratios.setdefault((setup.name, load), []).append(
+                        measured[(setup.name, load)] / base if base else 0.0
+                    )
+            per_round.append(measured)
         print()
         names = [s.name for s in setups]
         width = max(len(n) for n in names) + 2
@@ -330,16 +339,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setup.name:<{width}}{cells}{rss_text:>22}")
         print()
 
-        def med(name: str, load: str) -> float | None:
-            values = ratios.get((name, load))
+        def paired(name: str, other: str, load: str) -> float | None:
+            """The median over rounds of ``name``'s req/s over ``other``'s in the same round."""
+            pairs = [(r.get((name, load)), r.get((other, load))) for r in per_round]
+            values = [a / b for a, b in pairs if a and b]
             return statistics.median(values) if values else None
 
+        print("each a median over rounds of the two setups' ratio in the same round:")
         for other, target in (("minimal forwarder", 0.9), ("werkzeug ProxyMiddleware", 1.3), ("LiteFS proxy", 1.1)):
             cells = []
             for load in loads:
-                a, b = med("litefs-wsgi", load), med(other, load)
-                if a and b:
-                    cells.append(f"{load} {a / b:.2f}")
+                ratio = paired("litefs-wsgi", other, load)
+                if ratio:
+                    cells.append(f"{load} {ratio:.2f}")
             if cells:
                 print(f"litefs-wsgi / {other} (target {target}x): " + ", ".join(cells))
         for problem in sorted(problems):
