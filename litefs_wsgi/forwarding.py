@@ -24,6 +24,8 @@ from .errors import error, status_line
 
 log = logging.getLogger("litefs_wsgi")
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 # Set on a request that one node forwards to another. A node that is not the primary never
 # forwards such a request again, so two replicas that each think the other is the primary
@@ -89,6 +91,16 @@ def destination(base_url: str) -> Destination:
         raise ValueError(f"not an http(s) URL with a host: {base_url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return Destination(parts.scheme, parts.hostname, port, parts.netloc, parts.path.rstrip("/"))
+
+
+def _keep(memo: dict[K, V], key: K, value: V, most: int) -> V:
+    """Put ``value`` in ``memo`` and return it; a memo of ``most`` entries is emptied first.
+    What this module remembers (heads, header lines, names) is the other side's or the
+    client's to choose: every memo is bounded, and starts again when full."""
+    if len(memo) >= most:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 class Connection:
@@ -184,9 +196,7 @@ class Answer:
                 name, _, value = line.partition(":")
                 entry = (name, value.strip(" \t")), name.lower()
                 if len(line) < 256:
-                    if len(split) >= 512:
-                        split.clear()  # Date lines, Set-Cookie values: start again
-                    split[line] = entry
+                    _keep(split, line, entry, 512)
             header, lower = entry
             headers.append(header)
             lowers.append(lower)
@@ -264,19 +274,19 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
         fed = 0
         while True:
             end = data.find(b"\r\n\r\n", max(0, fed - 3))
+            if 0 <= end and not fed and end + 4 <= KNOWN_HEAD_MAX:
+                known = _KNOWN_HEADS.get(data[: end + 4])
+                if known is not None:
+                    answer = known.fresh(data[end + 4 :])
+                    if method == "HEAD":
+                        answer.length = 0
+                    return answer
+            if parser is None and data:
+                answer = Answer()
+                parser = httptools.HttpResponseParser(answer)
             try:
                 if end >= 0:
                     end += 4
-                    if not fed and end <= KNOWN_HEAD_MAX:
-                        known = _KNOWN_HEADS.get(data[:end])
-                        if known is not None:
-                            answer = known.fresh(data[end:])
-                            if method == "HEAD":
-                                answer.length = 0
-                            return answer
-                    if parser is None:
-                        answer = Answer()
-                        parser = httptools.HttpResponseParser(answer)
                     parser.feed_data(data[fed:end] if fed else data[:end])
                     if not answer.done:
                         raise BadAnswer("malformed head")
@@ -284,9 +294,6 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
                 if fed < len(data):
                     # Fed as it comes, so that llhttp refuses a bad head (bare LF line ends,
                     # say) at once instead of this waiting for a CRLF CRLF that never comes.
-                    if parser is None:
-                        answer = Answer()
-                        parser = httptools.HttpResponseParser(answer)
                     parser.feed_data(data[fed:])
                     fed = len(data)
                     if answer.done:
@@ -344,9 +351,7 @@ def _remember(head: bytes, answer: Answer) -> None:
             _SEEN_HEADS.clear()  # a new Date each second, a Set-Cookie each answer: start again
         _SEEN_HEADS.add(head)
         return
-    if len(_KNOWN_HEADS) >= 256:
-        _KNOWN_HEADS.clear()
-    _KNOWN_HEADS[head] = answer.template()
+    _keep(_KNOWN_HEADS, head, answer.template(), 256)
 
 
 def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None]) -> Iterable[bytes]:
@@ -583,10 +588,7 @@ class Forwarder:
     def _destination(self, base_url: str) -> Destination:
         dest = self._destinations.get(base_url)
         if dest is None:
-            dest = destination(base_url)
-            if len(self._destinations) > 256:
-                self._destinations.clear()
-            self._destinations[base_url] = dest
+            dest = _keep(self._destinations, base_url, destination(base_url), 256)
         return dest
 
     # -- forwarding ----------------------------------------------------------------------
@@ -829,8 +831,7 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
             tokens = frozenset({token.strip().lower() for token in value.split(",")} - {""})
         else:
             tokens = frozenset(token.lower() for token in parse_list_header(value))
-        if len(_TOKENS_OF) < 64:
-            _TOKENS_OF[value] = tokens
+        _keep(_TOKENS_OF, value, tokens, 64)
     return tokens
 
 
@@ -887,8 +888,7 @@ def request_headers(
             entry = names[key]
         except KeyError:
             entry = _name_of(key)
-            if len(names) < 4096:  # header names are the client's to choose: bounded
-                names[key] = entry
+            _keep(names, key, entry, 4096)
         if entry is None or not value and key == "CONTENT_TYPE":
             continue
         name, lower = entry
@@ -968,8 +968,8 @@ def response_headers(
         drop = _DROP_NAMED.get(tokens) if isinstance(tokens, frozenset) else None
         if drop is None:
             drop = _DROP_ANSWER | set(tokens)
-            if isinstance(tokens, frozenset) and len(_DROP_NAMED) < 64:
-                _DROP_NAMED[tokens] = drop  # an app sends the same Connection header each time
+            if isinstance(tokens, frozenset):
+                _keep(_DROP_NAMED, tokens, drop, 64)  # an app sends the same Connection header each time
     if upgrade:
         drop = drop - {"upgrade", "connection"}
     if lowers is None:
