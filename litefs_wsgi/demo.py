@@ -10,6 +10,7 @@ is needed. ``--check`` runs the story unattended and exits 0 when read-your-writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import shutil
@@ -38,6 +39,12 @@ HOST = "127.0.0.1"
 PRIMARY_HOSTNAME = "localhost"
 HEARTBEAT = 1.0  # LiteFS's primary sends a heartbeat every second: .lag idles 0 to ~1000 ms
 STARTED_KEY = "litefs_demo.started"
+# What stops the demo. The kernel hands a signal sent to the process to any one thread that does
+# not block it, and Python runs the handler in the main thread only when that thread next runs
+# Python code. If a server thread took SIGTERM while the main thread sat in recv() (--check's read
+# waiting a minute for replication), nothing would wake the main thread until that read ended. So
+# every other thread blocks these: the kernel then interrupts the main thread's system call.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ node }} · litefs-wsgi demo</title>
@@ -181,6 +188,21 @@ class Replication:
                 written_lag = lag_ms
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block STOP_SIGNALS in this thread while the block runs: the threads it starts, and the
+    threads those start, inherit the mask, so they never take them. One that arrives meanwhile
+    waits, and is handled when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and signals reach the main thread only
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Cluster:
     """Both nodes, their mounts, servers and replication; ``start()`` then ``stop()``."""
 
@@ -197,15 +219,18 @@ class Cluster:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.primary.make_primary()
-        init_db(self.primary.db_path(DB))
-        self.primary.sync(DB)
-        self.replica.make_replica(PRIMARY_HOSTNAME)
-        # The primary first: the replica's primary_url needs its port.
-        primary_server = self._serve("primary", self.primary, self.port + 1 if self.port else 0, commit=True)
-        self.primary_url = f"http://{{hostname}}:{primary_server.server_port}"
-        self._serve("replica", self.replica, self.port, commit=False, primary_url=self.primary_url)
-        self.replication.start()
+        """Lay out both mounts, start both servers and the replication; every thread this starts
+        leaves SIGINT and SIGTERM to the thread that called it (see STOP_SIGNALS)."""
+        with _stop_signals_blocked():
+            self.primary.make_primary()
+            init_db(self.primary.db_path(DB))
+            self.primary.sync(DB)
+            self.replica.make_replica(PRIMARY_HOSTNAME)
+            # The primary first: the replica's primary_url needs its port.
+            primary_server = self._serve("primary", self.primary, self.port + 1 if self.port else 0, commit=True)
+            self.primary_url = f"http://{{hostname}}:{primary_server.server_port}"
+            self._serve("replica", self.replica, self.port, commit=False, primary_url=self.primary_url)
+            self.replication.start()
 
     def _serve(self, node: str, mount: LiteFSMount, port: int, commit: bool, **options) -> BaseWSGIServer:
         server = make_server(HOST, port, None, threaded=True, request_handler=_handler(node, self.quiet))
@@ -282,22 +307,33 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("litefs-wsgi demo: the demo app needs Flask: pip install flask", file=sys.stderr)
         return 2
-    cluster = Cluster(port, lag, args.dir, poll_timeout, quiet=args.check)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
+    if main:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
+    cluster = None
     try:
-        cluster.start()
-    except (OSError, SystemExit) as exc:  # werkzeug exits when a port is taken
-        cluster.stop()
-        ports = f"{port} and {port + 1}" if port else "any port"
-        detail = "" if isinstance(exc, SystemExit) else f": {exc}"
-        print(f"litefs-wsgi demo: cannot listen on {HOST} ({ports}){detail}; try --port 0", file=sys.stderr)
-        return 2
-    try:
+        # A signal while the mounts are made waits until there is a cluster to stop.
+        with _stop_signals_blocked():
+            cluster = Cluster(port, lag, args.dir, poll_timeout, quiet=args.check)
+            try:
+                cluster.start()
+            except (OSError, SystemExit) as exc:  # werkzeug exits when a port is taken
+                ports = f"{port} and {port + 1}" if port else "any port"
+                detail = "" if isinstance(exc, SystemExit) else f": {exc}"
+                print(f"litefs-wsgi demo: cannot listen on {HOST} ({ports}){detail}; try --port 0", file=sys.stderr)
+                return 2
         return check(cluster) if args.check else interactive(cluster)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        cluster.stop()
+        for sig in previous:  # stopping already: a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        if cluster is not None:
+            cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _describe(cluster: Cluster) -> None:
@@ -373,8 +409,6 @@ def _request(base: str, method: str, path: str, timeout: float, body: str | None
 
 def check(cluster: Cluster) -> int:
     """The story, unattended: write on the replica, read it back there, say what happened."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     print("litefs-wsgi demo --check: a LiteFS primary and replica on 127.0.0.1 (simulated)\n", flush=True)
     _describe(cluster)
     replica, primary, say = cluster.replica_base, cluster.primary_base, _Steps()

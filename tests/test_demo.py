@@ -145,13 +145,60 @@ def test_control_files_are_litefs_s(tmp_path):
     assert (replica / ".primary").exists(), "--dir mounts are kept"
 
 
+def signal_masks(pid: int) -> dict[int, int]:
+    """The blocked-signals mask of each thread of process ``pid``, by thread id (Linux's /proc)."""
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = read(f"/proc/{pid}/task/{tid}/status")
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+        masks[int(tid)] = int(re.search(rb"^SigBlk:\s*([0-9a-f]+)$", status, re.M)[1], 16)
+    return masks
+
+
 def test_check_stops_cleanly_on_sigterm_while_a_read_waits(tmp_path):
     def reading(text: str) -> bool:
         return "\n3. " in text and "\n4. " not in text  # step 4 is the read that waits a minute, here
 
     args = ["--check", "--lag", "60s", "--poll-timeout", "60s"]
     with demo_process(tmp_path, args, reading, "the read that waits") as (proc, text):
+        if os.path.isdir(f"/proc/{proc.pid}/task"):
+            # The kernel gives a process's signal to any thread not blocking it, and a handler
+            # run for another thread does not wake the main one from its recv(): every thread
+            # but the main one blocks SIGINT and SIGTERM. Besides the main thread: two servers,
+            # the replication, and once the read waits, its request's thread and the watcher.
+            def others_while_the_read_waits():
+                masks = signal_masks(proc.pid)
+                masks.pop(proc.pid)
+                return masks if len(masks) >= 5 else None
+
+            others = wait_until(others_while_the_read_waits, 30, "the read to wait")
+            stop_bits = (1 << signal.SIGINT - 1) | (1 << signal.SIGTERM - 1)
+            assert all(mask & stop_bits == stop_bits for mask in others.values()), others
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 130
     mounts = re.search(r"^mounts: (\S+)", text, re.M)[1]
     assert not os.path.exists(mounts) and "interrupted" in proc.log
+
+
+def test_check_stops_cleanly_on_sigterm_while_it_starts(tmp_path):
+    # From the moment its mounts directory exists, a signal is cleaned up after: it waits
+    # until the cluster can be stopped, rather than killing the demo with the mounts left behind.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*DEMO, "--check", "--lag", "60s", "--poll-timeout", "60s"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )
+    try:
+        wait_until(lambda: os.listdir(tmp) or proc.poll() is not None, 60, "the mounts directory")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 130, log.read_text()
+    finally:
+        stop(proc)
+    assert os.listdir(tmp) == [] and "Traceback" not in log.read_text()
