@@ -156,6 +156,7 @@ class LiteFSMiddleware:
         # The header's WSGI environ key, as servers name it (LiteFS-TXID: HTTP_LITEFS_TXID).
         self._txid_key = "HTTP_" + header.upper().replace("-", "_") if header else None
         self._replay_readonly = config.replay_on_readonly
+        self._debugging = config.debug
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -180,7 +181,9 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = request_path(environ)
+        path = environ.get("PATH_INFO", "")
+        if not path.isascii() or environ.get("SCRIPT_NAME"):
+            path = request_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
@@ -240,7 +243,7 @@ class LiteFSMiddleware:
                 self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)
                 return errors.error(start_response, 504, errors.TIMEOUT)
-        if self.config.debug:
+        if self._debugging:
             self._debug("read", method, path, targets or "")
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
@@ -338,7 +341,8 @@ class LiteFSMiddleware:
                     return errors.error(start_response, 503, errors.NOT_PRIMARY)
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
-            self._debug("write on the primary", method, path)
+            if self._debugging:
+                self._debug("write on the primary", method, path)
             self._metrics.write_primary()
             if method in ("GET", "HEAD") and not replayed:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
@@ -350,7 +354,8 @@ class LiteFSMiddleware:
             start_response("200 OK", [("fly-replay", f"instance={primary}"), ("Content-Length", "0")])
             return [b""]
         url = self.config.primary_url.format(hostname=primary, port=local_port(environ))
-        self._debug("forward", method, path, url)
+        if self._debugging:
+            self._debug("forward", method, path, url)
         self._metrics.forward()
         return self.forwarder.forward(environ, start_response, url, mark=True)
 

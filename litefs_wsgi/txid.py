@@ -33,14 +33,9 @@ def format_txid(txid: int) -> str:
 
 
 def _well_formed_pos(data: bytes) -> bool:
-    # Read on every write: checked with bytes methods, which cost a fraction of a regex.
-    return (
-        len(data) == 34
-        and data[16] == 0x2F
-        and data[33] == 0x0A
-        and not data[:16].strip(_LOWER_HEX)
-        and not data[17:33].strip(_LOWER_HEX)
-    )
+    # Read on every write: checked with one C call that deletes the hex digits (a fraction of
+    # a regex's cost); what is left must be the "/" and "\n" in their places.
+    return len(data) == 34 and data[16] == 0x2F and data[33] == 0x0A and data.translate(None, _LOWER_HEX) == b"/\n"
 
 
 def parse_pos(data: bytes) -> Pos | None:
