@@ -423,7 +423,7 @@ class LiteFSMiddleware:
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
-            txids = {db: txid_of(db) for db in dbs}
+            txids = {dbs[0]: txid_of(dbs[0])} if len(dbs) == 1 else {db: txid_of(db) for db in dbs}
             if None in txids.values():
                 self._note_no_position(txids)
                 if all(txid is None for txid in txids.values()):
