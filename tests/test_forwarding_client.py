@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -139,6 +140,72 @@ def test_connection_closed_while_idle_is_not_used(upstream_factory):
     status, _, body = forward(forwarder, upstream.url, "POST", "/second", b"y")
     assert (status, body) == (200, b"ok")
     assert [(n, path, data) for n, _, path, data in upstream.requests] == [(1, "/first", b"x"), (2, "/second", b"y")]
+
+
+class SpeaksWhileIdle(RawServer):
+    """Answers every request with OK; on its first connection, once ``go`` is set, it then
+    sends ``after`` while the connection is idle, or with ``after=None`` resets it."""
+
+    def __init__(self, after: bytes | None) -> None:
+        self.after = after
+        self.go = threading.Event()
+        self.requests: list[tuple[int, str, bytes]] = []
+        super().__init__()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(20)
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        more = conn.recv(65536)
+                    except ConnectionResetError:  # closed with the stray bytes unread
+                        return
+                    if not more:
+                        return
+                    buf += more
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int((re.search(rb"(?im)^content-length:\s*(\d+)", head) or [b"", b"0"])[1])
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                self.requests.append((number, head.split(b" ")[1].decode(), buf[:length]))
+                buf = buf[length:]
+                conn.sendall(OK)
+                if number == 1:
+                    self.go.wait(20)
+                    if self.after is None:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return  # closed with a reset
+                    conn.sendall(self.after)
+
+
+def test_bytes_sent_on_an_idle_connection_are_never_taken_for_the_next_answer():
+    server = SpeaksWhileIdle(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        assert forward(forwarder, server.url, "GET", "/a")[::2] == (200, b"ok")
+        (conn,) = pooled(forwarder)
+        server.go.set()
+        assert select.select([conn.sock], [], [], 20)[0], "the stray answer never arrived"
+        assert forward(forwarder, server.url, "GET", "/b")[::2] == (200, b"ok")  # not "stray"
+        assert [(n, path) for n, path, _ in server.requests] == [(1, "/a"), (2, "/b")]
+    finally:
+        server.close()
+
+
+def test_connection_reset_while_idle_sends_the_write_once_on_a_new_one():
+    server = SpeaksWhileIdle(None)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        assert forward(forwarder, server.url, "POST", "/first", b"x")[::2] == (200, b"ok")
+        (conn,) = pooled(forwarder)
+        server.go.set()
+        assert select.select([conn.sock], [], [], 20)[0], "the reset never arrived"
+        assert forward(forwarder, server.url, "POST", "/second", b"y")[::2] == (200, b"ok")
+        assert server.requests == [(1, "/first", b"x"), (2, "/second", b"y")]
+    finally:
+        server.close()
 
 
 def test_gunicorn_closing_idle_keep_alive_connections(tmp_path):
