@@ -20,7 +20,10 @@ reached (LiteFS and litefs-wsgi check it, the others just pass it on); a 64 MiB 
 Rounds are interleaved (each load on each setup in turn, then again; each round starts at
 another setup) and the medians of the ratios to direct are printed, with each worker's peak RSS
 (VmHWM); the proxy against the others is the median of their ratio within each round. The machine's cores are
-shared by wrk, the proxies and the app: read the ratios, not the absolute figures.
+shared by wrk, the proxies and the app: read the ratios, not the absolute figures. For the GETs
+it also prints the CPU time (user and system) each setup's own processes spent per request,
+read from /proc around each wrk run: what a request costs, which moves less than req/s does
+on a machine where everything waits for the same two cores.
 """
 
 from __future__ import annotations
@@ -97,6 +100,16 @@ def children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             found += [int(p) for p in f.read().split()]
     return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """The user and system CPU time the processes ``pids`` have used so far."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -199,21 +212,23 @@ def litefs_proxy(target_port: int, tmp: str) -> Iterator[tuple[Setup, int]]:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def wrk(url: str, path: str, connections: int, seconds: float, cookie: str | None) -> tuple[float, str]:
-    """Requests per second (for the download, 64 MiB answers' worth of bytes per second), and a
-    warning when any answer was not a 2xx or a socket failed."""
+def wrk(url: str, path: str, connections: int, seconds: float, cookie: str | None) -> tuple[float, str, int]:
+    """Requests per second (for the download, 64 MiB answers' worth of bytes per second), a
+    warning when any answer was not a 2xx or a socket failed, and the number of answers."""
     command = ["wrk", "-t", "2" if connections > 1 else "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s"]
     command += ["--timeout", "30s"]
     if cookie:
         command += ["-H", f"Cookie: {cookie}"]
     out = subprocess.run([*command, url + path], capture_output=True, text=True, timeout=seconds + 60).stdout
     problems = "; ".join(line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line)
+    answers = re.search(r"(\d+) requests in", out)
+    count = int(answers[1]) if answers else 0
     if path == "/bench/stream":  # bytes, not answers: a few 64 MiB answers end within a run
         match = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?)B", out)
         scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-        return (float(match[1]) * scale[match[2]] / STREAM if match else 0.0), problems
+        return (float(match[1]) * scale[match[2]] / STREAM if match else 0.0), problems, count
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return (float(match[1]) if match else 0.0), problems
+    return (float(match[1]) if match else 0.0), problems, count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios: dict[tuple[str, str], list[float]] = {}
         absolute: dict[str, list[float]] = {}
         per_round: list[dict[tuple[str, str], float]] = []  # req/s of each setup and load, by round
+        cpu: dict[tuple[str, str], list[float]] = {}  # CPU seconds per answer of each setup's processes
         problems: set[str] = set()
         for index in range(args.rounds):
             measured: dict[tuple[str, str], float] = {}
@@ -316,10 +332,15 @@ def main(argv: list[str] | None = None) -> int:
                 # closed connections, say) or always comes first.
                 shift = index % len(setups)
                 for setup in setups[shift:] + setups[:shift]:
-                    rps, problem = wrk(setup.url, path, connections, args.seconds, cookie if with_cookie else None)
+                    pids = setup.workers()
+                    before = cpu_seconds(pids)
+                    sent = cookie if with_cookie else None
+                    rps, problem, count = wrk(setup.url, path, connections, args.seconds, sent)
                     if problem:
                         problems.add(f"{setup.name}, {load}: {problem}")
                     measured[(setup.name, load)] = rps
+                    if count and path != "/bench/stream":
+                        cpu.setdefault((setup.name, load), []).append((cpu_seconds(pids) - before) / count)
                 base = measured[(direct.name, load)]
                 absolute.setdefault(load, []).append(base)
                 for setup in setups:
@@ -345,6 +366,17 @@ def main(argv: list[str] | None = None) -> int:
             values = [a / b for a, b in pairs if a and b]
             return statistics.median(values) if values else None
 
+        cpu_loads = [load for load in loads if loads[load][0] != "/bench/stream"]
+        if cpu_loads:
+            print(
+                f"{'CPU µs per request (median)':<{width}}" + "".join(f"{load:>12}" for load in cpu_loads)
+                + "   (the setup's own processes; behind a proxy the app's come on top)"
+            )
+            for setup in setups:
+                cells = "".join(f"{statistics.median(cpu[(setup.name, load)]) * 1e6:>12.0f}" for load in cpu_loads)
+                print(f"{setup.name:<{width}}{cells}")
+            print()
+
         print("each a median over rounds of the two setups' ratio in the same round:")
         for other, target in (("minimal forwarder", 0.9), ("werkzeug ProxyMiddleware", 1.3), ("LiteFS proxy", 1.1)):
             cells = []
@@ -354,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(f"{load} {ratio:.2f}")
             if cells:
                 print(f"litefs-wsgi / {other} (target {target}x): " + ", ".join(cells))
+        ours, reference = "litefs-wsgi", "minimal forwarder"
+        both = [load for load in cpu_loads if cpu.get((ours, load)) and cpu.get((reference, load))]
+        if both:
+            shares = [
+                f"{load} {statistics.median(cpu[(ours, load)]) / statistics.median(cpu[(reference, load)]):.2f}"
+                for load in both
+            ]
+            print(f"CPU per request, {ours} / {reference}: " + ", ".join(shares))
         for problem in sorted(problems):
             print("warning:", problem)
     return 0
