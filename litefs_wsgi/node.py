@@ -20,7 +20,10 @@ log = logging.getLogger("litefs_wsgi")
 # change a URL's meaning when it is written into "fly-replay" or primary_url.
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})(?::[0-9]{1,5})?")
 _LAG = re.compile(rb"[+-][0-9]{1,10}\n?")
-_MAX_CONTROL_FILE = 4096  # a real control file is tens of bytes; never read a huge one whole
+# A real control file is tens of bytes (.primary, a host name and port, at most 260): a longer
+# one is malformed whatever follows, and a read this small stays in Python's small-object
+# allocator (a position is read on every write).
+_MAX_CONTROL_FILE = 320
 
 # LiteFS drops the kernel's cached page of a DB-pos file whenever the position changes (its
 # setPos calls InvalidatePos, before the commit returns), so a descriptor kept open reads each

@@ -199,3 +199,13 @@ def test_one_watcher_per_mount_and_settings_in_a_process(replica, tmp_path):
     assert get_watcher(replica.path, 0.001) is app.watcher
     elsewhere = LiteFSMiddleware(lambda e, s: [], db="app.db", mount_dir=str(tmp_path / "x"), forward="http")
     assert elsewhere.watcher is not app.watcher
+
+
+def test_control_files_are_read_whole_up_to_the_longest_valid_one(tmp_path):
+    # Reads are bounded (node._MAX_CONTROL_FILE): the longest .primary LiteFS users can write, a
+    # 253-character host name and a port, still fits.
+    longest = "a" * 253 + ":65535"
+    (tmp_path / ".primary").write_text(longest + "\n")
+    assert Node(str(tmp_path)).primary() == longest
+    (tmp_path / ".primary").write_text(longest + "a\n")  # a character more: not a host name
+    assert Node(str(tmp_path)).primary() is None
