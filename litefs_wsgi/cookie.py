@@ -18,7 +18,6 @@ COOKIE_NAME = "__txid"
 _SIG_LEN = 32  # hex digits of HMAC-SHA256 kept: 128 bits
 _PARSED_MAX = 4096  # distinct Cookie headers remembered per middleware
 _UNUSABLE: tuple[None, None] = (None, None)
-_TXID_END = 1 << 64
 
 # Each ";"-separated part whose name, trimmed, is __txid: Go's readCookies splits on ";"
 # without regard to quotes and trims spaces and tabs around the part and the name.
@@ -140,11 +139,7 @@ class TxidCookie:
     def header(self, txids: Mapping[str, int], secure: bool) -> str:
         """The ``Set-Cookie`` value for the positions ``txids`` (one per database)."""
         dbs = self.dbs
-        if len(dbs) == 1:
-            txid = txids[dbs[0]]
-            value = f"{txid:016x}" if 0 <= txid < _TXID_END else format_txid(txid)  # format_txid raises
-        else:
-            value = "-".join([format_txid(txids[db]) for db in dbs])
+        value = format_txid(txids[dbs[0]]) if len(dbs) == 1 else "-".join([format_txid(txids[db]) for db in dbs])
         expires = int(time.time() + self.expiry)
         if self.secret is not None:
             payload = f"{value}.{expires:x}"

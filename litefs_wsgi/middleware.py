@@ -156,7 +156,6 @@ class LiteFSMiddleware:
         # The header's WSGI environ key, as servers name it (LiteFS-TXID: HTTP_LITEFS_TXID).
         self._txid_key = "HTTP_" + header.upper().replace("-", "_") if header else None
         self._replay_readonly = config.replay_on_readonly
-        self._debugging = config.debug
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -181,9 +180,7 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = environ.get("PATH_INFO", "")
-        if not path.isascii() or environ.get("SCRIPT_NAME"):
-            path = request_path(environ)
+        path = request_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
@@ -243,7 +240,7 @@ class LiteFSMiddleware:
                 self._debug("timed out", method, path, targets)
                 self._log_timeout(targets)
                 return errors.error(start_response, 504, errors.TIMEOUT)
-        if self._debugging:
+        if self.config.debug:
             self._debug("read", method, path, targets or "")
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
@@ -341,7 +338,7 @@ class LiteFSMiddleware:
                     return errors.error(start_response, 503, errors.NOT_PRIMARY)
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
-            if self._debugging:
+            if self.config.debug:
                 self._debug("write on the primary", method, path)
             self._metrics.write_primary()
             if method in ("GET", "HEAD") and not replayed:
@@ -354,7 +351,7 @@ class LiteFSMiddleware:
             start_response("200 OK", [("fly-replay", f"instance={primary}"), ("Content-Length", "0")])
             return [b""]
         url = self.config.primary_url.format(hostname=primary, port=local_port(environ))
-        if self._debugging:
+        if self.config.debug:
             self._debug("forward", method, path, url)
         self._metrics.forward()
         return self.forwarder.forward(environ, start_response, url, mark=True)
@@ -423,7 +420,7 @@ class LiteFSMiddleware:
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
-            txids = {dbs[0]: txid_of(dbs[0])} if len(dbs) == 1 else {db: txid_of(db) for db in dbs}
+            txids = {db: txid_of(db) for db in dbs}
             if None in txids.values():
                 self._note_no_position(txids)
                 if all(txid is None for txid in txids.values()):
