@@ -37,7 +37,7 @@ HOP_ENVIRON_KEY = "HTTP_" + HOP_HEADER.upper().replace("-", "_")
 # then "Name: value" lines whose names are tokens and whose values hold no CR, LF or NUL.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(r"[^\x00-\x20\x7f]+")
-_TOKENS_SEEN: set[str] = set()  # methods and header names found to be tokens (bounded)
+_TOKENS_SEEN: dict[str, None] = {}  # methods and header names found to be tokens (bounded, _keep)
 CHUNK = 64 * 1024
 # A body of known length, and answers, are copied in larger blocks: gunicorn's wsgi.input
 # reads 64 KiB at a time at about 200 MiB/s and 1 MiB about four times faster (bench/stream.py).
@@ -257,7 +257,7 @@ _HEADER_LINES: dict[str, tuple[tuple[str, str], str]] = {}
 # with it are copied from a template (_remember). Only heads of a known length or none (not
 # chunked, not an upgrade, not 1xx), up to KNOWN_HEAD_MAX bytes; bounded like _HEADER_LINES.
 _KNOWN_HEADS: dict[bytes, Answer] = {}
-_SEEN_HEADS: set[bytes] = set()
+_SEEN_HEADS: dict[bytes, None] = {}
 KNOWN_HEAD_MAX = 2048
 
 
@@ -347,9 +347,7 @@ def _remember(head: bytes, answer: Answer) -> None:
     """Keep ``answer`` as the template of ``head`` the second time ``head`` comes: a head
     seen once only (its own Content-Length, Set-Cookie or ETag) costs a set entry, no template."""
     if head not in _SEEN_HEADS:
-        if len(_SEEN_HEADS) >= 256:
-            _SEEN_HEADS.clear()  # a new Date each second, a Set-Cookie each answer: start again
-        _SEEN_HEADS.add(head)
+        _keep(_SEEN_HEADS, head, None, 256)  # a new Date each second, a Set-Cookie each answer
         return
     _keep(_KNOWN_HEADS, head, answer.template(), 256)
 
@@ -931,13 +929,12 @@ def request_head(
     ends = len(lines) + 2
     if head.count("\n") != ends or head.count("\r") != ends or "\x00" in head or not _TARGET.fullmatch(target):
         raise ValueError("not a well-formed request head")
-    if method not in _TOKENS_SEEN or not _TOKENS_SEEN.issuperset(headers):
+    if method not in _TOKENS_SEEN or not _TOKENS_SEEN.keys() >= headers.keys():
         for token in (method, *headers):
             if token not in _TOKENS_SEEN:
                 if not _TOKEN.fullmatch(token):
                     raise ValueError("not a well-formed request head")
-                if len(_TOKENS_SEEN) < 4096:  # names are the client's to choose: bounded
-                    _TOKENS_SEEN.add(token)
+                _keep(_TOKENS_SEEN, token, None, 4096)
     return head.encode("latin-1")
 
 
