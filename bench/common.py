@@ -85,6 +85,25 @@ def standalone_proxy(config: str, port: int, threads: int, args: tuple[str, ...]
     return gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py"), *args], port, env, ROOT, **popen)
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (gunicorn's workers), from /proc."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """The user and system CPU time the processes ``pids`` have used so far."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def callgrind_instructions(script: str, args: list[str]) -> int:
     """The CPU instructions ``python script ARGS`` executes, counted by valgrind's callgrind
     (with a fixed hash seed, so that two runs differ only by what they were asked to do)."""

@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 
 import common
-from common import ROOT, free_port, running
+from common import ROOT, children, cpu_seconds, free_port, running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BODY = b"x" * 512
@@ -92,24 +92,6 @@ class Setup:
 
     def workers(self) -> list[int]:
         return list(self._pids()) if self._pids else []
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(p) for p in f.read().split()]
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """The user and system CPU time the processes ``pids`` have used so far."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -369,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_loads = [load for load in loads if loads[load][0] != "/bench/stream"]
         if cpu_loads:
             print(
-                f"{'CPU µs per request (median)':<{width}}" + "".join(f"{load:>12}" for load in cpu_loads)
+                f"{'CPU µs per request (median)':<{width}}"
+                + "".join(f"{load:>12}" for load in cpu_loads)
                 + "   (the setup's own processes; behind a proxy the app's come on top)"
             )
             for setup in setups:

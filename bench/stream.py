@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, free_port, gunicorn, proxy_config, standalone_proxy
+from common import ROOT, children, free_port, gunicorn, proxy_config, standalone_proxy
 
 BLOCK = 1024 * 1024
 PAYLOAD = bytes(range(256)) * (BLOCK // 256)
@@ -51,15 +51,6 @@ def target(environ, start_response):
 
 
 # -- running the servers -----------------------------------------------------------------
-
-
-def workers(master: int) -> list[int]:
-    """The gunicorn master's child processes (its workers)."""
-    children = []
-    for task in os.listdir(f"/proc/{master}/task"):
-        with open(f"/proc/{master}/task/{task}/children") as f:
-            children += [int(pid) for pid in f.read().split()]
-    return children
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -152,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             # Warm up: the worker is forked and builds the app at its first request.
             upload(proxy_port, BLOCK)
             download(proxy_port, BLOCK)
-            proxy_workers = workers(proxy.pid)
+            proxy_workers = children(proxy.pid)
             baseline_rss = {pid: peak_rss_kib(pid) for pid in proxy_workers}
             print(f"streaming {args.size / 2**20:.0f} MiB each way, best of {args.rounds} (MiB/s)")
             print(f"{'transfer':<10}{'direct':>10}{'proxy':>10}{'proxy/direct':>14}")
