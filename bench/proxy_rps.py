@@ -1,6 +1,6 @@
 """The standalone proxy against other ways to put a proxy in front of an app: ratios to the app served directly.
 
-Run: ``python bench/proxy_rps.py`` from the repository root (about 5 minutes at the defaults).
+Run: ``python bench/proxy_rps.py`` from the repository root (about 7 minutes at the defaults).
 Everything listens on 127.0.0.1 and runs side by side in one run:
 
 - direct: the app under gunicorn (gthread, 1 worker x 8 threads, no access log), the baseline;
@@ -17,10 +17,14 @@ The other Python proxies run under gunicorn with the workers and threads the sta
 gets by default, no access log; nginx with as many workers. Loads (wrk, keep-alive): GET of a
 512-byte answer at 32 and at 4 connections; GET at 32 with a ``__txid`` cookie the primary has
 reached (LiteFS and litefs-wsgi check it, the others just pass it on); a 64 MiB download at 4.
-Rounds are interleaved (each load on each setup in turn, then again; each round starts at
-another setup) and the medians of the ratios to direct are printed, with each worker's peak RSS
-(VmHWM); the proxy against the others is the median of their ratio within each round. The machine's cores are
-shared by wrk, the proxies and the app: read the ratios, not the absolute figures. For the GETs
+In each round, for each load, the setups take turns (each round starting at another one) and
+litefs-wsgi runs before the first, between each two and after the last: every other setup is
+measured between two runs of ours, and ours against it is the mean of those two over it, so
+that a drift of this shared machine over the three runs (tens of percent within a minute)
+falls on both sides. Printed: the medians over rounds of the ratios to direct, with each
+worker's peak RSS (VmHWM), and of ours against each other setup, with the lowest and highest
+round. The machine's cores are shared by wrk, the proxies and the app: read the ratios, not
+the absolute figures. For the GETs
 it also prints the CPU time (user and system) each setup's own processes spent per request,
 read from /proc around each wrk run: what a request costs, which moves less than req/s does
 on a machine where everything waits for the same two cores.
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
-    parser.add_argument("--seconds", type=int, default=3, help="length of each wrk run")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds; medians are printed")
+    parser.add_argument("--seconds", type=int, default=2, help="length of each wrk run")
     parser.add_argument(
         "--variant",
         action="append",
@@ -304,32 +308,45 @@ def main(argv: list[str] | None = None) -> int:
                 wrk(setup.url, path, connections, 1, cookie if with_cookie else None)
         ratios: dict[tuple[str, str], list[float]] = {}
         absolute: dict[str, list[float]] = {}
-        per_round: list[dict[tuple[str, str], float]] = []  # req/s of each setup and load, by round
+        # ours against each other setup, by load: ours' req/s (the mean of the runs just before and
+        # just after the other's) over the other's, one value per round
+        beside: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}  # CPU seconds per answer of each setup's processes
         problems: set[str] = set()
+        anchor = next(setup for setup in setups if setup.name == "litefs-wsgi")
+        others = [setup for setup in setups if setup is not anchor]
+
+        def run(setup: Setup, load: str) -> float:
+            path, connections, with_cookie = loads[load]
+            pids = setup.workers()
+            before = cpu_seconds(pids)
+            rps, problem, count = wrk(setup.url, path, connections, args.seconds, cookie if with_cookie else None)
+            if problem:
+                problems.add(f"{setup.name}, {load}: {problem}")
+            if count and path != "/bench/stream":
+                cpu.setdefault((setup.name, load), []).append((cpu_seconds(pids) - before) / count)
+            return rps
+
         for index in range(args.rounds):
-            measured: dict[tuple[str, str], float] = {}
-            for load, (path, connections, with_cookie) in loads.items():
-                # Each round starts at another setup: none always follows the same one (werkzeug's
-                # closed connections, say) or always comes first.
-                shift = index % len(setups)
-                for setup in setups[shift:] + setups[:shift]:
-                    pids = setup.workers()
-                    before = cpu_seconds(pids)
-                    sent = cookie if with_cookie else None
-                    rps, problem, count = wrk(setup.url, path, connections, args.seconds, sent)
-                    if problem:
-                        problems.add(f"{setup.name}, {load}: {problem}")
-                    measured[(setup.name, load)] = rps
-                    if count and path != "/bench/stream":
-                        cpu.setdefault((setup.name, load), []).append((cpu_seconds(pids) - before) / count)
-                base = measured[(direct.name, load)]
+            for load in loads:
+                # Ours runs before the first setup, between each two and after the last: every
+                # other setup is measured between two runs of ours, so that a drift of the machine
+                # over those three runs falls on both sides. Each round starts at another setup.
+                shift = index % len(others)
+                measured: dict[str, float] = {}
+                ours_before = run(anchor, load)
+                for setup in others[shift:] + others[:shift]:
+                    measured[setup.name] = run(setup, load)
+                    ours_after = run(anchor, load)
+                    ours = (ours_before + ours_after) / 2
+                    if setup is direct:
+                        measured[anchor.name] = ours
+                    beside.setdefault((setup.name, load), []).append(ours / measured[setup.name])
+                    ours_before = ours_after
+                base = measured[direct.name]
                 absolute.setdefault(load, []).append(base)
                 for setup in setups:
-                    ratios.setdefault((setup.name, load), []).append(
-                        measured[(setup.name, load)] / base if base else 0.0
-                    )
-            per_round.append(measured)
+                    ratios.setdefault((setup.name, load), []).append(measured[setup.name] / base if base else 0.0)
         print()
         names = [s.name for s in setups]
         width = max(len(n) for n in names) + 2
@@ -341,12 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             cells = "".join(f"{statistics.median(ratios[(setup.name, load)]):>12.2f}" for load in loads)
             print(f"{setup.name:<{width}}{cells}{rss_text:>22}")
         print()
-
-        def paired(name: str, other: str, load: str) -> float | None:
-            """The median over rounds of ``name``'s req/s over ``other``'s in the same round."""
-            pairs = [(r.get((name, load)), r.get((other, load))) for r in per_round]
-            values = [a / b for a, b in pairs if a and b]
-            return statistics.median(values) if values else None
 
         cpu_loads = [load for load in loads if loads[load][0] != "/bench/stream"]
         if cpu_loads:
@@ -360,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{setup.name:<{width}}{cells}")
             print()
 
-        print("each a median over rounds of the two setups' ratio in the same round:")
+        print("litefs-wsgi beside each: the median over rounds of its req/s (its runs just before and after)")
+        print("over the other's, with the lowest and highest round:")
         for other, target in (("minimal forwarder", 0.9), ("werkzeug ProxyMiddleware", 1.3), ("LiteFS proxy", 1.1)):
             cells = []
             for load in loads:
-                ratio = paired("litefs-wsgi", other, load)
-                if ratio:
-                    cells.append(f"{load} {ratio:.2f}")
+                values = [v for v in beside.get((other, load), []) if v]
+                if values:
+                    cells.append(f"{load} {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})")
             if cells:
                 print(f"litefs-wsgi / {other} (target {target}x): " + ", ".join(cells))
         ours, reference = "litefs-wsgi", "minimal forwarder"
