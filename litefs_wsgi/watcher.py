@@ -135,19 +135,16 @@ class Watcher:
     # -- waiting -----------------------------------------------------------------------
 
     def reached(self, targets: Mapping[str, int]) -> bool:
-        """True when every database has reached its TXID (or does not exist: nothing to wait for)."""
-        return self.seen(targets) or all(self._reached(db, self.txid(db), target) for db, target in targets.items())
-
-    def seen(self, targets: Mapping[str, int]) -> bool:
-        """True when every TXID in ``targets`` is already known to be reached, without a read:
-        a position read less than STATE_TTL ago, or a tx event, at or above it."""
+        """True when every database has reached its TXID (or does not exist: nothing to wait
+        for). Known without a read when a position read less than STATE_TTL ago, or a tx
+        event, is at or above each TXID; else the files are read."""
         now = self.clock()
         for db, target in targets.items():
             seen = self._seen.get(db)
             if seen is None or seen[0] < target or now - seen[1] > STATE_TTL:
                 events = self.events
                 if events is None or not events.connected or events.txids.get(db, -1) < target:
-                    return False
+                    return all(self._reached(db, self.txid(db), target) for db, target in targets.items())
         return True
 
     def _reached(self, db: str, txid: int | None, target: int) -> bool:
