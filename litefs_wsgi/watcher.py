@@ -144,7 +144,7 @@ class Watcher:
             if seen is None or seen[0] < target or now - seen[1] > STATE_TTL:
                 events = self.events
                 if events is None or not events.connected or events.txids.get(db, -1) < target:
-                    return all(self._reached(db, self.txid(db), target) for db, target in targets.items())
+                    return all(self._reached(name, self.txid(name), wanted) for name, wanted in targets.items())
         return True
 
     def _reached(self, db: str, txid: int | None, target: int) -> bool:
