@@ -73,6 +73,9 @@ class TxidCookie:
         self.secret = secret.encode("utf-8") if secret else None
         self._parsed: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}
         self._parsed_values: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}  # txid_header's
+        # Every write sends a cookie, and until the next commit or second it is the same one:
+        # each distinct header is formatted (and signed) once.
+        self._header = functools.lru_cache(maxsize=64)(self._format)
 
     def read(self, environ: Mapping) -> Mapping[str, int] | None:
         """The TXIDs the client's ``__txid`` cookie asks for, by database (a read-only
@@ -138,9 +141,14 @@ class TxidCookie:
 
     def header(self, txids: Mapping[str, int], secure: bool) -> str:
         """The ``Set-Cookie`` value for the positions ``txids`` (one per database)."""
-        dbs = self.dbs
-        value = format_txid(txids[dbs[0]]) if len(dbs) == 1 else "-".join([format_txid(txids[db]) for db in dbs])
-        expires = int(time.time() + self.expiry)
+        return self.header_of(tuple([txids[db] for db in self.dbs]), secure)
+
+    def header_of(self, txids: tuple[int, ...], secure: bool) -> str:
+        """``header`` for TXIDs given in the order of ``dbs``."""
+        return self._header(txids, int(time.time() + self.expiry), secure)
+
+    def _format(self, txids: tuple[int, ...], expires: int, secure: bool) -> str:
+        value = "-".join([format_txid(txid) for txid in txids])
         if self.secret is not None:
             payload = f"{value}.{expires:x}"
             value = f"{payload}.{_sign(self.secret, payload)}"

@@ -416,17 +416,17 @@ class LiteFSMiddleware:
 
     def _serve_write(self, environ, start_response) -> Iterable[bytes]:
         secure = environ.get("wsgi.url_scheme") == "https"
-        dbs, txid_of = self.config.db, self.watcher.txid
+        dbs, txid_of, header_of = self.config.db, self.watcher.txid, self.cookie.header_of
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
-            txids = {db: txid_of(db) for db in dbs}
-            if None in txids.values():
-                self._note_no_position(txids)
-                if all(txid is None for txid in txids.values()):
+            txids = tuple([txid_of(db) for db in dbs])
+            if None in txids:
+                self._note_no_position(dict(zip(dbs, txids)))
+                if txids.count(None) == len(txids):
                     return start_response(status, headers, exc_info)  # no database yet: no cookie
-                txids = {db: txid or 0 for db, txid in txids.items()}
-            cookie = self.cookie.header(txids, secure)
+                txids = tuple([txid or 0 for txid in txids])
+            cookie = header_of(txids, secure)
             if self._txid_key is not None:
                 headers = self._add_txid_header(headers, value_of(cookie))
             return start_response(status, [*headers, ("Set-Cookie", cookie)], exc_info)

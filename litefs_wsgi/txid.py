@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -38,11 +39,13 @@ def parse_pos(data: bytes) -> Pos | None:
     return None if txid is None else Pos(txid, int(data[17:33], 16))
 
 
+@functools.lru_cache(maxsize=64)
 def parse_pos_txid(data: bytes) -> int | None:
     """The TXID of a ``-pos`` file, the checksum checked but not parsed; None when it is torn,
     empty or garbage."""
-    # Read on every write: checked with one C call that deletes the hex digits (a fraction of
-    # a regex's cost); what is left must be the "/" and "\n" in their places.
+    # Read on every write, and the same bytes until the next commit: remembered (a third of
+    # the parse's cost). Checked with one C call that deletes the hex digits (a fraction of a
+    # regex's cost); what is left must be the "/" and "\n" in their places.
     if len(data) == 34 and data[16] == 0x2F and data[33] == 0x0A and data.translate(None, _LOWER_HEX) == b"/\n":
         return int(data[:16], 16)
     return None
