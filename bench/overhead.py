@@ -9,7 +9,10 @@ over rounds, not the best round (CPU time of the calling thread):
 - primary read: a GET without a cookie on the primary;
 - replica read: a GET on a replica whose ``__txid`` cookie is already satisfied;
 - primary write: a POST on the primary (the position read when the response starts, and
-  ``Set-Cookie`` added).
+  ``Set-Cookie`` added) whose view commits nothing (an OPTIONS, a GraphQL query, a form
+  that fails validation), so that the position is the one the last write read;
+- primary write, position moved: the same, but the view moves the position (writes a new
+  ``-pos``, bare and wrapped alike), as a commit does.
 
 The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sqlite3
 import statistics
@@ -45,21 +49,35 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.node import Node
 from litefs_wsgi.testing import LiteFSMount
+from litefs_wsgi.txid import Pos, format_pos
 
 BODY = "x" * 200
+TXID = 42
+_COMMITS = itertools.count(TXID + 1)  # the positions /commit moves to, bare and wrapped alike
 
 
-def flask_app(db_path: str | None = None) -> flask.Flask:
-    """The app; with ``db_path``, a POST inserts a row there on one kept connection."""
+def flask_app(db_path: str | None = None, mount: LiteFSMount | None = None) -> flask.Flask:
+    """The app; with ``db_path``, a POST inserts a row there on one kept connection. A POST to
+    ``/commit`` moves the position of ``mount`` (a directory laid out like a mount), as a
+    commit moves LiteFS's."""
     app = flask.Flask("bench")
     db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False) if db_path else None
+    pos_fd = os.open(os.path.join(mount.path, "app.db-pos"), os.O_WRONLY) if mount is not None else -1
 
     def items() -> str:
         if db is not None and flask.request.method == "POST":
             db.execute("INSERT INTO items (body) VALUES (?)", (BODY,))
         return BODY
 
+    def commit() -> str:
+        # The new position written over the old in place, one pwrite(2), as LiteFS's file
+        # changes under the same name (LiteFSMount's rename and fsync would cost more than
+        # the request).
+        os.pwrite(pos_fd, format_pos(Pos(next(_COMMITS), 0)), 0)
+        return BODY
+
     app.add_url_rule("/items", "items", items, methods=["GET", "POST"])
+    app.add_url_rule("/commit", "commit", commit, methods=["POST"])
     return app
 
 
@@ -73,9 +91,9 @@ def per_request(app, environ: dict, n: int, clock=time.thread_time) -> float:
     return (clock() - started) / n
 
 
-def environ(method: str, cookie: str | None = None) -> dict:
+def environ(method: str, cookie: str | None = None, path: str = "/items") -> dict:
     headers = {"Cookie": f"session=abc123; __txid={cookie}; theme=dark"} if cookie else {}
-    return EnvironBuilder(path="/items", method=method, headers=headers).get_environ()
+    return EnvironBuilder(path=path, method=method, headers=headers).get_environ()
 
 
 def setup(tmp: str, cluster=None) -> tuple:
@@ -84,10 +102,10 @@ def setup(tmp: str, cluster=None) -> tuple:
     if cluster is None:
         primary, replica = LiteFSMount(f"{tmp}/primary"), LiteFSMount(f"{tmp}/replica")
         primary.make_primary()
-        primary.set_position("app.db", 42)
+        primary.set_position("app.db", TXID)
         replica.make_replica("node-a")
-        replica.set_position("app.db", 42)
-        primary_dir, replica_dir, db_path, txid = primary.path, replica.path, None, 42
+        replica.set_position("app.db", TXID)
+        primary_dir, replica_dir, db_path, txid = primary.path, replica.path, None, TXID
     else:
         primary_dir, replica_dir = str(cluster.primary.fuse_dir), str(cluster.replica.fuse_dir)
         db_path = os.path.join(primary_dir, "app.db")
@@ -103,11 +121,14 @@ def setup(tmp: str, cluster=None) -> tuple:
         ("replica read (cookie satisfied)", on_replica, environ("GET", f"{txid:016x}")),
         ("primary write (POST, cookie set)", on_primary, environ("POST")),
     ]
+    if cluster is None:  # on LiteFS the POST above commits already
+        committing = LiteFSMiddleware(flask_app(mount=primary).wsgi_app, mount_dir=primary_dir, **options)
+        cases.append(("primary write, position moved", committing, environ("POST", path="/commit")))
     for _name, wrapped, env in cases:  # warm up, and check that each case is what it says
         _body, status, headers = run_wsgi_app(wrapped, env.copy(), buffered=True)
         assert status.startswith("200"), status
         assert ("Set-Cookie" in headers) == (env["REQUEST_METHOD"] == "POST"), headers
-    return flask_app(db_path).wsgi_app, cases
+    return flask_app(db_path, primary if cluster is None else None).wsgi_app, cases
 
 
 @contextlib.contextmanager

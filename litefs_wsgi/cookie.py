@@ -73,9 +73,9 @@ class TxidCookie:
         self.secret = secret.encode("utf-8") if secret else None
         self._parsed: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}
         self._parsed_values: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}  # txid_header's
-        # Every write sends a cookie, and until the next commit or second it is the same one:
-        # each distinct header is formatted (and signed) once.
-        self._header = functools.lru_cache(maxsize=64)(self._format)
+        # The last header made: a write that commits nothing (a search form, a GraphQL query)
+        # sends the same one as the write before it, until the second changes.
+        self._last: tuple[tuple[int, ...], int, bool, str] = ((), 0, False, "")
 
     def read(self, environ: Mapping) -> Mapping[str, int] | None:
         """The TXIDs the client's ``__txid`` cookie asks for, by database (a read-only
@@ -145,14 +145,20 @@ class TxidCookie:
 
     def header_of(self, txids: tuple[int, ...], secure: bool) -> str:
         """``header`` for TXIDs given in the order of ``dbs``."""
-        return self._header(txids, int(time.time() + self.expiry), secure)
-
-    def _format(self, txids: tuple[int, ...], expires: int, secure: bool) -> str:
-        value = "-".join([format_txid(txid) for txid in txids])
+        expires = int(time.time() + self.expiry)
+        memo = self._last
+        if memo[0] == txids and memo[1] == expires and memo[2] is secure:
+            return memo[3]
+        if len(txids) == 1:
+            value = format_txid(txids[0])
+        else:
+            value = "-".join([format_txid(txid) for txid in txids])
         if self.secret is not None:
             payload = f"{value}.{expires:x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
-        return f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
+        header = f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
+        self._last = (txids, expires, secure, header)  # one tuple: threads see it whole
+        return header
 
 
 def value_of(set_cookie: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import NamedTuple
 
@@ -39,15 +38,23 @@ def parse_pos(data: bytes) -> Pos | None:
     return None if txid is None else Pos(txid, int(data[17:33], 16))
 
 
-@functools.lru_cache(maxsize=64)
+_last: tuple[bytes, int] = (b"", 0)  # the last position parsed, and its TXID
+
+
 def parse_pos_txid(data: bytes) -> int | None:
     """The TXID of a ``-pos`` file, the checksum checked but not parsed; None when it is torn,
     empty or garbage."""
-    # Read on every write, and the same bytes until the next commit: remembered (a third of
-    # the parse's cost). Checked with one C call that deletes the hex digits (a fraction of a
-    # regex's cost); what is left must be the "/" and "\n" in their places.
+    # Read on every write: until the next commit the same bytes as the last time. Else
+    # checked with one C call that deletes the hex digits (a fraction of a regex's cost);
+    # what is left must be the "/" and "\n" in their places.
+    global _last
+    last = _last
+    if data == last[0]:
+        return last[1]
     if len(data) == 34 and data[16] == 0x2F and data[33] == 0x0A and data.translate(None, _LOWER_HEX) == b"/\n":
-        return int(data[:16], 16)
+        txid = int(data[:16], 16)
+        _last = (data, txid)
+        return txid
     return None
 
 

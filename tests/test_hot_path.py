@@ -131,6 +131,30 @@ def test_the_cookie_of_a_write_is_the_position_after_the_write(mount):
     assert response.headers["Set-Cookie"].startswith("__txid=0000000000000006;")
 
 
+def test_each_write_gets_the_position_it_left_though_the_last_one_is_remembered(mount):
+    # The last position parsed and the last Set-Cookie made are kept for the next write: one
+    # that moved the position (up, or down after a restore), or came over https, gets its own.
+    client, _, _ = setup(mount)
+    for txid, scheme in [(5, "http"), (5, "http"), (7, "http"), (7, "https"), (7, "http"), (3, "http"), (3, "https")]:
+        mount.set_position("app.db", txid)
+        header = client.post("/", base_url=f"{scheme}://localhost/").headers["Set-Cookie"]
+        assert header.startswith(f"__txid={txid:016x};")
+        assert ("; Secure;" in header) == (scheme == "https")
+
+
+def test_the_next_second_gets_the_next_expiry(mount, monkeypatch):
+    mount.set_position("app.db", 1)
+    client, _, _ = setup(mount, cookie_expiry="1h")
+    now = 1_800_000_000.25
+    monkeypatch.setattr(time, "time", lambda: now)
+    first = client.post("/").headers["Set-Cookie"]
+    assert client.post("/").headers["Set-Cookie"] == first
+    now += 1
+    later = client.post("/").headers["Set-Cookie"]
+    assert "Expires=Fri, 15 Jan 2027 09:00:00 GMT" in first
+    assert "Expires=Fri, 15 Jan 2027 09:00:01 GMT" in later
+
+
 def test_the_first_write_of_a_new_database_gets_no_cookie(mount):
     client, _, _ = setup(mount)
     assert "Set-Cookie" not in client.post("/").headers
