@@ -38,7 +38,7 @@ def parse_pos(data: bytes) -> Pos | None:
     return None if txid is None else Pos(txid, int(data[17:33], 16))
 
 
-_last: tuple[bytes, int] = (b"", 0)  # the last position parsed, and its TXID
+_last: tuple[bytes | None, int] = (None, 0)  # the last position parsed, and its TXID (None: none yet)
 
 
 def parse_pos_txid(data: bytes) -> int | None:

@@ -1,5 +1,8 @@
 """TXIDs and position files are read and written exactly as LiteFS does (SPEC.md section 1)."""
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -106,3 +109,15 @@ def test_pos_round_trips(txid, checksum):
 )
 def test_parse_pos_rejects_torn_and_garbage(data):
     assert parse_pos(data) is None
+
+
+def test_the_last_position_kept_is_never_one_not_parsed():
+    # In a fresh interpreter, before any position was parsed: the kept entry must not make
+    # an empty (torn) file read as TXID 0.
+    code = (
+        "from litefs_wsgi.txid import parse_pos, parse_pos_txid\n"
+        "assert parse_pos_txid(b'') is None and parse_pos(b'') is None\n"
+        "assert parse_pos_txid(b'0000000000000007/00000000deadbeef\\n') == 7\n"
+        "assert parse_pos_txid(b'') is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
