@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                     ours = (ours_before + ours_after) / 2
                     if setup is direct:
                         measured[anchor.name] = ours
-                    beside.setdefault((setup.name, load), []).append(ours / measured[setup.name])
+                    if measured[setup.name]:  # a setup that answered nothing is in problems
+                        beside.setdefault((setup.name, load), []).append(ours / measured[setup.name])
                     ours_before = ours_after
                 base = measured[direct.name]
                 absolute.setdefault(load, []).append(base)
