@@ -156,6 +156,9 @@ class LiteFSMiddleware:
         # The header's WSGI environ key, as servers name it (LiteFS-TXID: HTTP_LITEFS_TXID).
         self._txid_key = "HTTP_" + header.upper().replace("-", "_") if header else None
         self._replay_readonly = config.replay_on_readonly
+        # The standalone proxy's target is another process, which cannot raise ReplayOnPrimary:
+        # a read's answer then goes to the server untouched (counted as the read is sent).
+        self._may_replay = getattr(app, "may_replay", True)
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -216,30 +219,10 @@ class LiteFSMiddleware:
             targets = self._with_txid_header(environ, targets)
         served = self._metrics.read
         if targets and not self.watcher.reached(targets):  # seen, or one read: counts waits apart
-            served, started = self._metrics.waited, self._metrics.wait_started()
-            try:
-                alive = client_alive(environ)
-                reached = self.watcher.wait(targets, self.config.poll_timeout, alive, self.config.max_waiters)
-            except TooManyWaiters:
-                self._metrics.wait_refused(started)
-                self._debug("refused, too many waiting", method, path)
-                return errors.error(
-                    start_response,
-                    503,
-                    "Proxy error: too many requests waiting for replication",
-                    [("Retry-After", "1")],
-                )
-            self._metrics.wait_ended(started)
-            if not reached and alive is not None and not alive():
-                # Nobody will read the answer: free the thread now, call nothing.
-                self._metrics.timeout()
-                log.info("client went away while %s %s waited for replication", method, path)
-                return errors.error(start_response, 504, errors.TIMEOUT)
-            if not reached:
-                self._metrics.timeout()
-                self._debug("timed out", method, path, targets)
-                self._log_timeout(targets)
-                return errors.error(start_response, 504, errors.TIMEOUT)
+            refusal = self._wait(environ, start_response, method, path, targets)
+            if refusal is not None:
+                return refusal
+            served = self._metrics.waited
         if self.config.debug:
             self._debug("read", method, path, targets or "")
         if replayed and self.watcher.role()[0]:
@@ -247,7 +230,37 @@ class LiteFSMiddleware:
             # position after whatever the view writes.
             self._metrics.write_primary()
             return self._serve_write(environ, start_response)
+        if not self._may_replay:
+            served()
+            return self.app(environ, start_response)
         return self._serve_read(environ, start_response, method, path, replayed, served)
+
+    def _wait(self, environ, start_response, method, path, targets) -> Iterable[bytes] | None:
+        """Wait for ``targets``: None once reached, else the error to answer with."""
+        started = self._metrics.wait_started()
+        try:
+            alive = client_alive(environ)
+            reached = self.watcher.wait(targets, self.config.poll_timeout, alive, self.config.max_waiters)
+        except TooManyWaiters:
+            self._metrics.wait_refused(started)
+            self._debug("refused, too many waiting", method, path)
+            return errors.error(
+                start_response,
+                503,
+                "Proxy error: too many requests waiting for replication",
+                [("Retry-After", "1")],
+            )
+        self._metrics.wait_ended(started)
+        if reached:
+            return None
+        self._metrics.timeout()
+        if alive is not None and not alive():
+            # Nobody will read the answer: free the thread now, call nothing.
+            log.info("client went away while %s %s waited for replication", method, path)
+        else:
+            self._debug("timed out", method, path, targets)
+            self._log_timeout(targets)
+        return errors.error(start_response, 504, errors.TIMEOUT)
 
     def _with_txid_header(self, environ: dict, targets: dict[str, int] | None) -> dict[str, int] | None:
         """The cookie's positions raised to the ``txid_header``'s, database by database."""
@@ -294,8 +307,9 @@ class LiteFSMiddleware:
             environ[REPLAY_ENVIRON_KEY] = self.watcher
 
         def intercept(status, headers, exc_info=None):
-            # ReplayOnPrimary is a 503: other answers need no look at their headers.
-            if status.startswith("503") and any(name == REPLAY_HEADER for name, _ in headers):
+            # ReplayOnPrimary is a 503: other answers need no look at their headers (a
+            # comparison, not startswith(): this runs on every read, and costs half as much).
+            if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
                 replay.append(True)
                 return lambda data: None
             if exc_info is None:  # a second call, for an error mid-answer, carries exc_info

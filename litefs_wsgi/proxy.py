@@ -20,6 +20,8 @@ from .websocket import is_websocket_upgrade, tunnel
 class TargetApp:
     """A WSGI app that relays each request to ``target``; WebSocket upgrades are piped."""
 
+    may_replay = False  # an app in another process cannot raise ReplayOnPrimary (LiteFSMiddleware)
+
     def __init__(self, target: str, forwarder: Forwarder, websocket_idle_timeout: float) -> None:
         self.target = target
         self.forwarder = forwarder

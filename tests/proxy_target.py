@@ -79,6 +79,10 @@ class Target:
     def do_redirect(self, request: Request) -> Response:
         return Response("", status=302, headers={"Location": "/elsewhere"})
 
+    def do_replay(self, request: Request) -> Response:
+        # What ReplayOnPrimary answers in an app that LiteFSMiddleware does not wrap.
+        return Response("must run on the primary", status=503, headers={"X-LiteFS-Replay": "1"})
+
     def do_hop(self, request: Request) -> Response:
         # A header the target names in Connection is for the next hop only. (WSGI forbids an
         # app to set Connection; werkzeug's server sends it on, with its own "close" after

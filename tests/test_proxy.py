@@ -132,6 +132,15 @@ def test_redirect_is_relayed_not_followed(proxy, target):
     assert target.requests[before:] == ["GET /redirect"]
 
 
+def test_a_targets_replay_signal_is_relayed_as_it_came(proxy, target):
+    # ReplayOnPrimary's header means something only inside the middleware's own process: the
+    # target's answer is relayed untouched, the request sent nowhere else.
+    before = len(target.requests)
+    status, headers, body = request(proxy, "GET", "/replay")
+    assert (status, headers["X-LiteFS-Replay"], body) == (503, "1", b"must run on the primary")
+    assert target.requests[before:] == ["GET /replay"]
+
+
 def test_forwarded_headers_added_host_kept_nothing_else_added(proxy):
     got = report(proxy, "GET", "/echo", headers={"X-Forwarded-For": "203.0.113.9"})
     assert header(got, "Host") == [f"127.0.0.1:{proxy}"]
