@@ -1,0 +1,91 @@
+"""The standalone proxy of another git revision against this checkout's, side by side, with wrk.
+
+Run: ``python bench/proxy_ab.py REV`` (about two minutes; needs ``wrk`` and git). REV (a commit,
+a tag, ``HEAD~1``) is checked out in a temporary git worktree; both proxies run as a user gets
+them (``gunicorn -c gunicorn.conf.py``, each from its own tree) in front of one app (the 512-byte
+app of bench/proxy_rps.py under gunicorn, 1 worker x 8 threads), on a mount where this node is
+the primary. For each load (GET at 32 connections, without and with a satisfied ``__txid``
+cookie), each round runs old, new, new, old (then new, old, old, new) for 2 s each, and the
+ratio new/old of each round's summed req/s is printed: the median and every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import common
+from common import ROOT, free_port, gunicorn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+APP = ["-k", "gthread", "--workers", "1", "--threads", "8", "--log-level", "warning", "--chdir", HERE, "proxy_rps:app"]
+TXID = 0x2A
+LOADS = {"GET c32": None, "c32 cookie": f"__txid={TXID:016x}"}
+
+
+def wrk(port: int, cookie: str | None, seconds: int) -> float:
+    command = ["wrk", "-t2", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/bench/items"]
+    if cookie:
+        command[1:1] = ["-H", f"Cookie: {cookie}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(match[1]) if match else 0.0
+
+
+@contextlib.contextmanager
+def worktree(rev: str):
+    """REV checked out in a temporary git worktree, removed afterwards."""
+    path = tempfile.mkdtemp(prefix="litefs-wsgi-ab-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", path, rev], check=True, timeout=60)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("rev", help="the git revision to compare with this checkout")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; the median is printed")
+    parser.add_argument("--seconds", type=int, default=2, help="length of each wrk run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        old_root = stack.enter_context(worktree(args.rev))
+        target = free_port()
+        stack.enter_context(gunicorn(APP, target, {}, HERE, stderr=subprocess.DEVNULL))
+        mount = os.path.join(tmp, "litefs")
+        os.makedirs(mount)
+        with open(os.path.join(mount, "app.db-pos"), "w") as f:
+            f.write(f"{TXID:016x}/0000000000000001\n")
+        config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount, f"127.0.0.1:{target}")
+        ports = {}
+        for name, root in (("old", old_root), ("new", ROOT)):
+            # Started in its own tree: ``python -m gunicorn`` imports litefs_wsgi from there.
+            ports[name] = free_port()
+            conf = ["-c", os.path.join(root, "gunicorn.conf.py")]
+            env = {"LITEFS_WSGI_CONFIG": config}
+            stack.enter_context(gunicorn(conf, ports[name], env, root, stderr=subprocess.DEVNULL))
+        print(f"new ({ROOT}) over old ({args.rev}), req/s, {args.rounds} rounds of 4 x {args.seconds} s")
+        for load, cookie in LOADS.items():
+            ratios = []
+            for index in range(args.rounds):
+                order = ("old", "new", "new", "old") if index % 2 == 0 else ("new", "old", "old", "new")
+                rps = {"old": 0.0, "new": 0.0}
+                for name in order:
+                    rps[name] += wrk(ports[name], cookie, args.seconds)
+                ratios.append(rps["new"] / rps["old"] if rps["old"] else float("nan"))
+            rounds = " ".join(f"{r:.2f}" for r in ratios)
+            print(f"{load:<11} median {statistics.median(ratios):.2f}  rounds {rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
