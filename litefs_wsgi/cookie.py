@@ -75,7 +75,9 @@ class TxidCookie:
         self._parsed_values: dict[str, tuple[Mapping[str, int] | None, int | None]] = {}  # txid_header's
         # The last header made: a write that commits nothing (a search form, a GraphQL query)
         # sends the same one as the write before it, until the second changes.
-        self._last: tuple[tuple[int, ...], int, bool, str] = ((), 0, False, "")
+        # With the span of time.time() it serves: the same Expires second (a float comparison
+        # per write, not the int() that finds the second).
+        self._last: tuple[tuple[int, ...], bool, float, float, str] = ((), False, 0.0, 0.0, "")
 
     def read(self, environ: Mapping) -> Mapping[str, int] | None:
         """The TXIDs the client's ``__txid`` cookie asks for, by database (a read-only
@@ -145,10 +147,11 @@ class TxidCookie:
 
     def header_of(self, txids: tuple[int, ...], secure: bool) -> str:
         """``header`` for TXIDs given in the order of ``dbs``."""
-        expires = int(time.time() + self.expiry)
+        now = time.time()
         memo = self._last
-        if memo[0] == txids and memo[1] == expires and memo[2] is secure:
-            return memo[3]
+        if memo[2] <= now < memo[3] and memo[0] == txids and memo[1] is secure:
+            return memo[4]
+        expires = int(now + self.expiry)
         if len(txids) == 1:
             value = format_txid(txids[0])
         else:
@@ -157,7 +160,8 @@ class TxidCookie:
             payload = f"{value}.{expires:x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
         header = f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
-        self._last = (txids, expires, secure, header)  # one tuple: threads see it whole
+        # One tuple: threads see it whole. It serves while int(now + expiry) stays ``expires``.
+        self._last = (txids, secure, expires - self.expiry, expires + 1 - self.expiry, header)
         return header
 
 

@@ -184,7 +184,9 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = request_path(environ)
+        path = environ.get("PATH_INFO", "")
+        if not path.isascii() or environ.get("SCRIPT_NAME"):  # else request_path's answer as it is
+            path = request_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
@@ -234,7 +236,28 @@ class LiteFSMiddleware:
         if not self._may_replay:
             served()
             return self.app(environ, start_response)
-        return self._serve_read(environ, start_response, method, path, replayed, served)
+        # Call the app; a view that raises ReplayOnPrimary gets its request sent to the
+        # primary (here, not in a method of its own: this runs on every read).
+        replay: list[bool] = []
+        if self._replay_readonly and not replayed:
+            # The Flask extension and Django's middleware may then turn SQLite's read-only
+            # error into ReplayOnPrimary (litefs_wsgi.readonly.should_replay).
+            environ[REPLAY_ENVIRON_KEY] = self.watcher
+
+        def intercept(status, headers, exc_info=None):
+            # ReplayOnPrimary is a 503: other answers need no look at their headers (a
+            # comparison, not startswith(): this runs on every read, and costs half as much).
+            if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
+                replay.append(True)
+                return lambda data: None
+            if exc_info is None:  # a second call, for an error mid-answer, carries exc_info
+                served()  # counted once the app answers here: a replayed read counts where it goes
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, intercept)
+        if not replay:
+            return result
+        return self._replay(environ, start_response, method, path, replayed, result)
 
     def _wait(self, environ, start_response, method, path, targets) -> Iterable[bytes] | None:
         """Wait for ``targets``: None once reached, else the error to answer with."""
@@ -297,29 +320,8 @@ class LiteFSMiddleware:
             else:
                 log.info("read timed out waiting for %s to reach TXID %d (at %d)", db, target, txid)
 
-    def _serve_read(self, environ, start_response, method, path, replayed, served) -> Iterable[bytes]:
-        """Call the app; a view that raises ReplayOnPrimary gets its request sent to the primary.
-        ``served`` counts the read once the app answers it here: a replayed one is counted
-        by where it goes instead."""
-        replay: list[bool] = []
-        if self._replay_readonly and not replayed:
-            # The Flask extension and Django's middleware may then turn SQLite's read-only
-            # error into ReplayOnPrimary (litefs_wsgi.readonly.should_replay).
-            environ[REPLAY_ENVIRON_KEY] = self.watcher
-
-        def intercept(status, headers, exc_info=None):
-            # ReplayOnPrimary is a 503: other answers need no look at their headers (a
-            # comparison, not startswith(): this runs on every read, and costs half as much).
-            if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
-                replay.append(True)
-                return lambda data: None
-            if exc_info is None:  # a second call, for an error mid-answer, carries exc_info
-                served()
-            return start_response(status, headers, exc_info)
-
-        result = self.app(environ, intercept)
-        if not replay:
-            return result
+    def _replay(self, environ, start_response, method, path, replayed, result) -> Iterable[bytes]:
+        """Send a read whose view raised ReplayOnPrimary to the primary, its answer dropped."""
         if hasattr(result, "close"):
             result.close()
         is_primary, _ = self.watcher.role()

@@ -61,7 +61,7 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._changed = False
         self.clock: Callable[[], float] = time.monotonic
-        # db -> (TXID, when it was read) and (role, when it was read): see STATE_TTL.
+        # db -> (TXID, until when it is trusted) and (role, when it was read): see STATE_TTL.
         self._seen: dict[str, tuple[int, float]] = {}
         self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
         self.api_url = api_url
@@ -94,7 +94,7 @@ class Watcher:
         cannot be read)."""
         txid = self.node.txid(db)
         if txid is not None:
-            self._seen[db] = (txid, self.clock())
+            self._seen[db] = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
@@ -142,7 +142,7 @@ class Watcher:
         for db in targets:  # not .items(): a read-only mapping's items cost twice its keys
             target = targets[db]
             seen = self._seen.get(db)
-            if seen is None or seen[0] < target or now - seen[1] > STATE_TTL:
+            if seen is None or seen[0] < target or now > seen[1]:
                 events = self.events
                 if events is None or not events.connected or events.txids.get(db, -1) < target:
                     return all(self._reached(name, self.txid(name), wanted) for name, wanted in targets.items())
