@@ -61,7 +61,7 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._changed = False
         self.clock: Callable[[], float] = time.monotonic
-        # db -> (TXID, until when it is trusted) and (role, when it was read): see STATE_TTL.
+        # db -> (TXID, until when it is trusted) and (role, until when): see STATE_TTL.
         self._seen: dict[str, tuple[int, float]] = {}
         self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
         self.api_url = api_url
@@ -119,11 +119,11 @@ class Watcher:
         events = self.events
         if events is not None and events.connected:
             return events.is_primary, (None if events.is_primary else events.hostname)
-        role, read_at = self._role
+        role, until = self._role
         now = self.clock()
-        if fresh or now - read_at > STATE_TTL:
+        if fresh or now > until:
             role = self.node.role()
-            self._role = (role, now)
+            self._role = (role, now + STATE_TTL)
         return role
 
     def forget(self) -> None:
