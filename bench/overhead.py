@@ -15,7 +15,10 @@ requests gave a read that adds 3% of the app's instructions 0.82 in one run:
   ``Set-Cookie`` added) whose view commits nothing (an OPTIONS, a GraphQL query, a form
   that fails validation), so that the position is the one the last write read;
 - primary write, position moved: the same, but the view moves the position (writes a new
-  ``-pos``, bare and wrapped alike), as a commit does.
+  ``-pos``, bare and wrapped alike), as a commit does;
+- primary write, position not read: the write that commits nothing, its position given by the
+  watcher without reading ``-pos`` (no middleware does this: a reference, that shows what the
+  file read costs, the kernel's part included).
 
 The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free).
 
@@ -127,6 +130,13 @@ def setup(tmp: str, cluster=None) -> tuple:
     if cluster is None:  # on LiteFS the POST above commits already
         committing = LiteFSMiddleware(flask_app(mount=primary).wsgi_app, mount_dir=primary_dir, **options)
         cases.append(("primary write, position moved", committing, environ("POST", path="/commit")))
+        # On a mount of its own: a process has one watcher per mount, which the others share.
+        known = LiteFSMount(f"{tmp}/known")
+        known.make_primary()
+        known.set_position("app.db", TXID)
+        unread = LiteFSMiddleware(flask_app().wsgi_app, mount_dir=known.path, **options)
+        unread.watcher.txid = lambda db: TXID  # the position as if known: no -pos read
+        cases.append(("primary write, position not read", unread, environ("POST")))
     for _name, wrapped, env in cases:  # warm up, and check that each case is what it says
         _body, status, headers = run_wsgi_app(wrapped, env.copy(), buffered=True)
         assert status.startswith("200"), status
