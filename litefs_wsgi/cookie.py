@@ -160,7 +160,8 @@ class TxidCookie:
             payload = f"{value}.{expires:x}"
             value = f"{payload}.{_sign(self.secret, payload)}"
         header = f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
-        # One tuple: threads see it whole. It serves while int(now + expiry) stays ``expires``.
+        # One tuple: threads see it whole. It serves while int(now + expiry) stays ``expires``
+        # (to within a float's rounding at the edge of the second: an Expires a second off).
         self._last = (txids, secure, expires - self.expiry, expires + 1 - self.expiry, header)
         return header
 
