@@ -27,6 +27,10 @@ request executes (the difference between runs of two request counts, so start-up
 the same figure on a busy machine as on a quiet one, where CPU times move by tens of percent.
 It leaves out the time spent in the kernel (the ``-pos`` file read of a write).
 
+``--keep-open`` times each wrapped case twice: its ``-pos`` files opened for each read (a
+process beside LiteFS, the default here) and read through kept descriptors (``pread``), as a
+process that LiteFS's ``exec:`` started does.
+
 ``--litefs`` runs the same cases on a real LiteFS cluster (tests/litefs_cluster.py: node a
 the primary, node b a replica; needs the ``litefs`` binary and FUSE), where every control
 file read is a round trip to the LiteFS daemon, and the POST's view inserts a row (bare and
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     parser.add_argument("--litefs", action="store_true", help="on a real LiteFS cluster, by the wall clock")
+    parser.add_argument(
+        "--keep-open",
+        action="store_true",
+        help="also time the wrapped app reading -pos through kept descriptors, as under LiteFS's exec:",
+    )
     parser.add_argument("--one", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.n = args.n or (500 if args.instructions else 300 if args.litefs else 250)
@@ -229,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.n):
                 run_wsgi_app(app, env.copy(), buffered=True)
             return 0
-        # With --litefs, the wrapped app twice: its -pos file opened for each read (a process
+        # With --litefs or --keep-open, the wrapped app twice: its -pos file opened for each read (a process
         # beside LiteFS), and read through a kept descriptor (one that LiteFS's exec: started).
         nodes = {id(wrapped.watcher.node): wrapped.watcher.node for _, wrapped, _ in cases}
         for node in nodes.values():
             stack.callback(node.close)  # before the cluster stops: LiteFS cannot unmount past them
-        keep = [False, True] if args.litefs else [None]  # node.keep_open of each wrapped side
+        # node.keep_open of each wrapped side (None: as the node chose, outside exec: opened)
+        keep = [False, True] if args.litefs or args.keep_open else [None]
         samples: dict[str, list[list[float]]] = {name: [] for name, _, _ in cases}
         for index in range(args.rounds):
             for name, wrapped, env in cases:
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, Flask {version('flask')}, {where}, "
         f"{args.n} requests per case and round, medians of {args.rounds} interleaved rounds"
     )
-    labels = ["-pos opened", "-pos kept open (exec:)"] if args.litefs else ["wrapped"]
+    labels = ["-pos opened", "-pos kept open (exec:)"] if args.litefs or args.keep_open else ["wrapped"]
     widths = [max(11, len(label) + 3) for label in labels]
     header = f"{'case':<34} {'bare µs':>8}"
     header += "".join(f" | {label + ' µs':>{width}} {'ratio':>6}" for label, width in zip(labels, widths))
