@@ -149,7 +149,7 @@ class Node:
         self._pos_paths: dict[str, str] = {}
         self.keep_open = under_litefs_exec() if keep_open is None else keep_open
         self.clock: Callable[[], float] = time.monotonic
-        self._kept: dict[str, tuple[int, float]] = {}  # db -> (descriptor, when opened)
+        self._kept: dict[str, tuple[int, float]] = {}  # db -> (descriptor, until when it serves)
         self._retired: list[tuple[int, float]] = []  # (descriptor, when replaced)
         self._lock = threading.Lock()
 
@@ -199,7 +199,7 @@ class Node:
     def _pread(self, db: str, path: str) -> bytes | None:
         """``_read(path)`` through a descriptor kept for KEEP_FOR."""
         kept = self._kept.get(db)
-        if kept is not None and self.clock() - kept[1] < KEEP_FOR:
+        if kept is not None and self.clock() < kept[1]:  # a deadline: one comparison per write
             try:
                 return os.pread(kept[0], _MAX_CONTROL_FILE, 0)
             except OSError:
@@ -207,7 +207,7 @@ class Node:
         with self._lock:
             now = self.clock()
             current = self._kept.get(db)
-            if current is not None and current is not kept and now - current[1] < KEEP_FOR:
+            if current is not None and current is not kept and now < current[1]:
                 return os.pread(current[0], _MAX_CONTROL_FILE, 0)  # another thread opened it
             if current is not None:
                 del self._kept[db]
@@ -223,7 +223,7 @@ class Node:
             except OSError:
                 _close(fd)
                 raise
-            self._kept[db] = (fd, now)
+            self._kept[db] = (fd, now + KEEP_FOR)
             return data
 
     def role(self) -> tuple[bool, str | None]:
