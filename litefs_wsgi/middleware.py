@@ -184,9 +184,7 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = environ.get("PATH_INFO", "")
-        if not path.isascii() or environ.get("SCRIPT_NAME"):  # else request_path's answer as it is
-            path = request_path(environ)
+        path = request_path(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
