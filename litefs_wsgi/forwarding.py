@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
+import os
 import re
 import select
 import socket
@@ -49,6 +52,13 @@ BLOCK = 1024 * 1024
 # leaves memory that glibc keeps: with 4 downloads of 64 MiB at once a worker peaked at 54-58
 # MiB with 1 MiB blocks, 43-47 MiB with these (before one arena per worker and malloc_trim).
 ANSWER_BLOCK = 256 * 1024
+# Under gunicorn the standalone proxy moves a plain answer body of known length of at least
+# SPLICE_MIN bytes with splice(2) (_spliced) through a pipe of SPLICE_PIPE bytes: with the
+# default pipe (64 KiB) splicing costs about what copying does; with 1 MiB (Linux's default
+# pipe-max-size) the relaying process spends a third of the CPU (scratch relay on loopback).
+SPLICE_MIN = 256 * 1024
+SPLICE_PIPE = 1024 * 1024
+_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")  # Linux, Python 3.10+
 # A body up to this size is read whole before it is sent: it leaves with the head in one
 # write, and a request that met a connection the other side had just closed can be sent again.
 SMALL_BODY = 64 * 1024
@@ -352,10 +362,14 @@ def _remember(head: bytes, answer: Answer) -> None:
     _keep(_KNOWN_HEADS, head, answer.template(), 256)
 
 
-def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None]) -> Iterable[bytes]:
+def body_of(
+    answer: Answer, sock: socket.socket, on_end: Callable[[bool], None], client: socket.socket | None = None
+) -> Iterable[bytes]:
     """The answer's body as an iterable for a WSGI server. ``on_end(reusable)`` is called
     once: when the body is all read (``reusable``: the connection may carry another
-    request), or when it is closed early or fails (``False``)."""
+    request), or when it is closed early or fails (``False``). With ``client``, the WSGI
+    server's own socket to the client, a large body of known length goes there by
+    ``splice(2)`` (``_spliced``)."""
     rest = answer.rest
     if answer.length is not None and len(rest) >= answer.length:
         # The whole body came with the head: no generator, the connection goes back at once.
@@ -374,6 +388,8 @@ def body_of(answer: Answer, sock: socket.socket, on_end: Callable[[bool], None])
         chunks = _chunked(answer, sock)
     elif answer.length is None:
         chunks = _until_closed(rest, sock)
+    elif client is not None and answer.length - len(rest) >= SPLICE_MIN and _can_splice(sock, client):
+        chunks = _spliced(rest, answer.length, sock, client)
     else:
         chunks = _sized(rest, answer.length, sock)
     return _Body(chunks, on_end, answer)
@@ -390,6 +406,41 @@ def _sized(rest: bytes, length: int, sock: socket.socket) -> Iterator[bytes]:
             raise BadAnswer(f"connection closed {left} bytes before the end of the body")
         left -= len(data)
         yield data
+
+
+def _can_splice(sock: socket.socket, client: socket.socket) -> bool:
+    # Plain sockets both (TLS bytes pass through Python to be encrypted), on Linux.
+    return _SPLICE and type(sock) is socket.socket and type(client) is socket.socket
+
+
+def _spliced(rest: bytes, length: int, sock: socket.socket, client: socket.socket) -> Iterator[bytes]:
+    """A body of ``length`` bytes, ``rest`` of them read with the head, whose remainder goes
+    from ``sock`` to the client's socket by ``splice(2)`` through a pipe: the kernel moves it
+    without copying it into Python and out again.
+
+    Its one item, ``rest`` (even empty), makes the WSGI server send the answer's head and
+    that much; the remainder then goes to the server's socket behind its back. Only the
+    standalone proxy asks for it (``Forwarder(splice=True)``), where gunicorn serves the
+    answer directly and frames it by the relayed ``Content-Length``. The timeouts hold: a
+    silent target ends it with ``BlockingIOError`` after ``read_timeout`` (SO_RCVTIMEO),
+    as ``_sized``; a client gone raises ``BrokenPipeError``, as the server's own write."""
+    yield rest
+    left = length - len(rest)
+    read_end, write_end = os.pipe()
+    try:
+        with contextlib.suppress(OSError):  # a pipe of 64 KiB where the system allows no more
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SPLICE_PIPE)
+        upstream, downstream = sock.fileno(), client.fileno()
+        while left:
+            moved = os.splice(upstream, write_end, min(left, SPLICE_PIPE))
+            if not moved:
+                raise BadAnswer(f"connection closed {left} bytes before the end of the body")
+            left -= moved
+            while moved:
+                moved -= os.splice(read_end, downstream, moved)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
@@ -506,10 +557,18 @@ class Forwarder:
     nothing of the request was written or the request is idempotent (GET, HEAD, OPTIONS,
     TRACE, or with an Idempotency-Key) with no body or one held whole in memory. A refused
     connection (nothing sent) is tried again every 100 ms for up to ``connect_timeout``.
+
+    With ``splice``, for an app that gunicorn serves with nothing around it (the standalone
+    proxy), a large answer body goes from the target's socket to gunicorn's by splice(2).
     """
 
-    def __init__(self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10) -> None:
+    def __init__(
+        self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10, splice: bool = False
+    ) -> None:
         self.connect_timeout = connect_timeout
+        # Large answers straight to gunicorn's client socket (_spliced): only where gunicorn
+        # serves this app with nothing around it that reads or changes the body.
+        self.splice = splice
         self.read_timeout = read_timeout
         self.pool_size = max(1, pool_size)
         self._read = read_timeout or None  # 0: no limit
@@ -644,7 +703,8 @@ class Forwarder:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
         start_response(answer.status_line(), answer.relayed())
-        return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable))
+        client = environ.get("gunicorn.socket") if self.splice else None
+        return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client)
 
     def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):
         rewindable = body is None or isinstance(body, bytes)

@@ -59,7 +59,9 @@ class Target:
             for start in range(0, size, len(PATTERN)):
                 yield PATTERN[: min(len(PATTERN), size - start)]
 
-        return Response(chunks(), content_type="application/octet-stream")
+        # With ?length=1 the size is sent as Content-Length (a file, say); else chunked.
+        headers = {"Content-Length": str(size)} if request.args.get("length") else {}
+        return Response(chunks(), content_type="application/octet-stream", headers=headers)
 
     def do_cookies(self, request: Request) -> Response:
         response = Response("two cookies")

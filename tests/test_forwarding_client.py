@@ -448,6 +448,93 @@ def test_answer_with_ambiguous_framing_is_a_502_at_once(upstream_factory, answer
     assert body.startswith(f"Proxy error: 127.0.0.1:{upstream.port} closed the connection or sent a bad".encode())
 
 
+# -- large answers moved by splice(2) to the WSGI server's socket ---------------------------------
+
+
+@contextlib.contextmanager
+def server_socket() -> Iterator[tuple[socket.socket, bytearray, threading.Thread]]:
+    """A TCP connection on 127.0.0.1 standing for gunicorn's to its client: (its server end,
+    the bytes its client end receives, the thread reading them until it closes)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=20)
+    server, _ = listener.accept()
+    listener.close()
+    received = bytearray()
+
+    def read() -> None:
+        while data := client.recv(1 << 20):
+            received.extend(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield server, received, reader
+    finally:
+        server.close()
+        reader.join(20)
+        client.close()
+
+
+def spliced_forward(forwarder: Forwarder, url: str, client: socket.socket, path: str = "/"):
+    """``forward`` with ``client`` as the server's socket: (status, the items the WSGI server
+    got, the answer iterable, closed)."""
+    environ = EnvironBuilder(method="GET", path=path).get_environ()
+    environ.update(REMOTE_ADDR="127.0.0.1")
+    environ["gunicorn.socket"] = client
+    started = {}
+    result = forwarder.forward(environ, lambda status, headers, exc_info=None: started.update(status=status), url)
+    items = []
+    try:
+        for item in result:
+            items.append(item)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return int(started["status"].split()[0]), items
+
+
+def test_a_large_body_goes_to_the_servers_socket_by_splice_and_the_connection_stays_in_step(upstream_factory):
+    size = 3 * forwarding.SPLICE_MIN + 7
+    body = bytes(range(256)) * (size // 256) + b"tail..."
+    answers = {"/large": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body, "/small": OK}
+    upstream = upstream_factory(lambda request, n: answers[request["path"]])
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10, splice=True)
+    with server_socket() as (client, received, reader):
+        status, items = spliced_forward(forwarder, upstream.url, client, "/large")
+        # The server got only what came with the head (it sends the head on the first item);
+        # the rest went to its socket, byte for byte, without passing through Python.
+        assert status == 200 and len(items) == 1 and len(items[0]) < size
+        client.shutdown(socket.SHUT_WR)
+        reader.join(20)
+    assert bytes(received) == body[len(items[0]) :]
+    assert len(pooled(forwarder)) == 1  # read to its end: kept for the next request
+    assert forward(forwarder, upstream.url, "GET", "/small")[::2] == (200, b"ok")
+    assert upstream.connections == 1
+
+
+def test_without_splice_or_below_its_size_every_byte_passes_through_the_server(upstream_factory):
+    size = forwarding.SPLICE_MIN * 2
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
+    small = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"s" * 1000
+    upstream = upstream_factory(lambda request, n: big if request["path"] == "/big" else small)
+    for forwarder, path, length in ((Forwarder(5, 10), "/big", size), (Forwarder(5, 10, splice=True), "/small", 1000)):
+        with server_socket() as (client, received, reader):
+            _, items = spliced_forward(forwarder, upstream.url, client, path)
+        assert len(b"".join(items)) == length and not received
+
+
+def test_a_target_silent_mid_splice_ends_the_answer_after_the_read_timeout(upstream_factory):
+    size = 4 * forwarding.SPLICE_MIN
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * forwarding.SPLICE_MIN
+    upstream = upstream_factory(lambda request, n: answer)  # then silent, the connection open
+    forwarder = Forwarder(connect_timeout=5, read_timeout=0.3, splice=True)
+    with server_socket() as (client, received, reader):
+        with pytest.raises((BlockingIOError, TimeoutError)):
+            spliced_forward(forwarder, upstream.url, client)
+    assert 0 < len(received) < size
+    assert pooled(forwarder) == []  # cut mid-body: never reused
+
+
 def test_expect_100_continue_through_the_standalone_proxy(tmp_path, upstream_factory):
     upstream = upstream_factory()
     mount = LiteFSMount(tmp_path / "litefs")
