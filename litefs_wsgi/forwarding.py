@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import re
@@ -664,7 +665,8 @@ class Forwarder:
             why = f"cannot forward to {base_url!r}: {exc}"
             return self.failed(environ, start_response, 502, base_url, why, cause="url", mark=mark)
         chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
-        length = None if chunked else get_content_length(environ)
+        # werkzeug's parse only for a length sent: a GET has none.
+        length = None if chunked or "CONTENT_LENGTH" not in environ else get_content_length(environ)
         try:
             head = request_head(environ, method, dest.prefix + request_target(environ), mark, chunked, length)
             body: bytes | Iterator[bytes] | None = None
@@ -871,7 +873,7 @@ def describe(exc: BaseException, netloc: str) -> str:
 def request_target(environ: dict) -> str:
     """The request target as the client sent it, byte for byte when the server kept it."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if raw and raw.startswith("/") and not raw.startswith("//"):
+    if raw and raw[0] == "/" != raw[1:2]:  # a path, not "//host/..."
         return raw
     path = quote(
         (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"), safe="/:@!$&'()*+,;=~"
@@ -982,22 +984,85 @@ def request_head(
 ) -> bytes:
     """The request's head as it goes out, in one piece; ValueError when it could be read
     two ways (a method or name that is not a token, a line break in a value)."""
-    headers = request_headers(environ, mark, chunked, length)
-    lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
-    head = f"{method} {target} HTTP/1.1\r\n" + "".join(lines) + "\r\n"
-    # Every CR and LF is one of the line ends just written: none is in a value.
-    ends = len(lines) + 2
-    if head.count("\n") != ends or head.count("\r") != ends or "\x00" in head or not _TARGET.fullmatch(target):
+    if not _TARGET.fullmatch(target):
         raise ValueError("not a well-formed request head")
-    if method not in _TOKENS_SEEN or not _TOKENS_SEEN.issuperset(headers):
-        for token in (method, *headers):
-            if token not in _TOKENS_SEEN:
-                if not _TOKEN.fullmatch(token):
-                    raise ValueError("not a well-formed request head")
-                if len(_TOKENS_SEEN) >= 4096:  # a set, for issuperset above: _keep's policy by hand
-                    _TOKENS_SEEN.clear()
-                _TOKENS_SEEN.add(token)
-    return head.encode("latin-1")
+    if method not in _TOKENS_SEEN:
+        _check_tokens((method,))
+    block = None if chunked else _known_block(environ, mark, length)
+    if block is None:
+        block = _header_block(request_headers(environ, mark, chunked, length))
+    return f"{method} {target} HTTP/1.1\r\n{block}".encode("latin-1")
+
+
+def _header_block(headers: dict[str, str]) -> str:
+    """The header lines (and the blank line) of ``headers``, checked."""
+    lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
+    block = "".join(lines) + "\r\n"
+    # Every CR and LF is one of the line ends just written: none is in a value.
+    ends = len(lines) + 1
+    if block.count("\n") != ends or block.count("\r") != ends or "\x00" in block:
+        raise ValueError("not a well-formed request head")
+    if not _TOKENS_SEEN.issuperset(headers):
+        _check_tokens(headers)
+    return block
+
+
+def _check_tokens(tokens: Iterable[str]) -> None:
+    for token in tokens:
+        if token not in _TOKENS_SEEN:
+            if not _TOKEN.fullmatch(token):
+                raise ValueError("not a well-formed request head")
+            if len(_TOKENS_SEEN) >= 4096:  # a set, for issuperset above: _keep's policy by hand
+                _TOKENS_SEEN.clear()
+            _TOKENS_SEEN.add(token)
+
+
+# A client sends the same headers request after request, whatever the path: the header
+# lines made of them are formatted and checked once, keyed by what they are made of. Not for
+# a chunked body, whose codings go into them. The headers are the clients' to choose, so the
+# memo is bounded (and emptied when full, as every memo here) by entries and by bytes.
+_BLOCKS: dict[tuple, str] = {}
+BLOCKS_MAX = 1024
+BLOCKS_BYTES = 2 * 1024 * 1024  # what the kept lines and the header values in their keys hold
+_blocks_bytes = 0
+_ALWAYS_UNSEEN = itertools.repeat(("", ""))  # for an environ key _NAMES has no entry for yet
+
+
+def _block_key(environ: dict, mark: bool, length: int | None) -> tuple:
+    # The environ's header items, picked out in C: _NAMES maps the other keys to None. A key
+    # not seen yet is kept in: its request makes the lines afresh (request_headers learns it).
+    return (
+        tuple(itertools.compress(environ.items(), map(_NAMES.get, environ, _ALWAYS_UNSEEN))),
+        environ.get("HTTP_CONNECTION"),  # not sent, but names headers not to send
+        environ.get("REMOTE_ADDR"),
+        environ.get("wsgi.url_scheme"),
+        mark,
+        length,
+    )
+
+
+def _known_block(environ: dict, mark: bool, length: int | None) -> str | None:
+    """``_header_block(request_headers(...))`` for this request: the kept one, or made now
+    and kept; None when its environ holds a value no WSGI server gives (not hashable)."""
+    global _blocks_bytes
+    key = _block_key(environ, mark, length)
+    try:
+        block = _BLOCKS.get(key)
+    except TypeError:
+        return None
+    if block is None:
+        names = len(_NAMES)
+        block = _header_block(request_headers(environ, mark, False, length))
+        if len(_NAMES) != names:  # keys it had not seen: without them in it, the key is another
+            key = _block_key(environ, mark, length)
+        size = 2 * len(block)  # the lines, and about as much in the key's values
+        if len(_BLOCKS) >= BLOCKS_MAX or _blocks_bytes + size > BLOCKS_BYTES:
+            _BLOCKS.clear()
+            _blocks_bytes = 0
+        if size <= BLOCKS_BYTES // 64:
+            _BLOCKS[key] = block
+            _blocks_bytes += size
+    return block
 
 
 # Answer headers never relayed: hop-by-hop ones, and Date and Server, which the WSGI server

@@ -28,7 +28,8 @@ class TargetApp:
         self.websocket_idle_timeout = websocket_idle_timeout
 
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
-        if is_websocket_upgrade(environ) and "gunicorn.socket" in environ:
+        # An upgrade has an Upgrade header: a look-up, not a call, for every other request.
+        if "HTTP_UPGRADE" in environ and is_websocket_upgrade(environ) and "gunicorn.socket" in environ:
             return tunnel(environ, start_response, self.target, self.forwarder, self.websocket_idle_timeout)
         return self.forwarder.forward(environ, start_response, self.target)
 

@@ -448,6 +448,109 @@ def test_answer_with_ambiguous_framing_is_a_502_at_once(upstream_factory, answer
     assert body.startswith(f"Proxy error: 127.0.0.1:{upstream.port} closed the connection or sent a bad".encode())
 
 
+# -- the request head: header lines made once per client ----------------------------------------
+
+
+class RecordsHeads(RawServer):
+    """Answers each request ``OK`` on kept-alive connections; ``received`` holds each
+    request's bytes as they came (head and body)."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        super().__init__()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        buf = b""
+        with conn:
+            conn.settimeout(20)
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                found = re.search(rb"\r\nContent-Length: (\d+)", head)
+                length = int(found[1]) if found else 0
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                self.received.append(head + b"\r\n\r\n" + buf[:length])
+                buf = buf[length:]
+                conn.sendall(OK)
+
+
+def test_each_head_sent_is_the_one_made_afresh_for_its_request():
+    # Header lines are kept per set of headers (and address, scheme, length): whatever
+    # repeats or changes between requests, each head on the wire must be the one made from
+    # its own request with nothing kept.
+    upstream = RecordsHeads()
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    same = {"Cookie": "x=2", "Accept": "*/*"}
+    variants = [
+        dict(path="/a", headers={"Cookie": "x=1", "Accept": "*/*"}),
+        dict(path="/b", headers={"Cookie": "x=1", "Accept": "*/*"}),  # same headers, other path
+        dict(path="/b", headers=same),  # one value changed
+        dict(path="/b", headers={**same, "Connection": "Accept"}),  # which drops Accept
+        dict(path="/b", headers=same, environ_base={"REMOTE_ADDR": "10.0.0.9"}),
+        dict(path="/b", headers=same, base_url="https://example.com/"),
+        dict(path="/b", method="POST", data=b"12345", headers=same),
+        dict(path="/b", method="POST", data=b"123456", headers=same),
+        dict(path="/c", headers={"Cookie": "x=1", "Accept": "*/*"}),  # the first headers again
+    ]
+    forwarding._BLOCKS.clear()
+    try:
+        for variant in variants * 2:
+            environ = EnvironBuilder(**{"method": "GET", **variant}).get_environ()
+            environ.setdefault("REMOTE_ADDR", "127.0.0.1")
+            body = environ["wsgi.input"].getvalue()
+            assert forward_environ(forwarder, upstream.url, dict(environ))[0] == 200
+            kept = dict(forwarding._BLOCKS)
+            forwarding._BLOCKS.clear()
+            target = forwarding.request_target(environ)
+            fresh = forwarding.request_head(environ, environ["REQUEST_METHOD"], target, length=len(body) or None)
+            assert upstream.received.pop() == fresh + body
+            forwarding._BLOCKS.update(kept)
+        # One set of lines per distinct set of headers: the paths /a, /b and /c share one.
+        assert len(forwarding._BLOCKS) == len(variants) - 2
+    finally:
+        upstream.close()
+
+
+def test_a_line_break_in_a_value_is_refused_every_time_not_only_the_first(upstream_factory):
+    upstream = upstream_factory()
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    for _ in range(3):
+        environ = EnvironBuilder(path="/", headers={"X-Bad": "a"}).get_environ()
+        environ["HTTP_X_BAD"] = "a\r\nX-Smuggled: 1"
+        assert forward_environ(forwarder, upstream.url, environ)[0] == 400
+        environ["HTTP_X_BAD"] = "fine"
+        assert forward_environ(forwarder, upstream.url, environ)[0] == 200
+    assert [path for _, _, path, _ in upstream.requests] == ["/"] * 3
+
+
+def test_kept_header_lines_are_bounded_by_entries_and_bytes(upstream_factory):
+    upstream = upstream_factory()
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    for n in range(1100):  # many clients with small headers, then some with large cookies
+        environ = EnvironBuilder(path="/", headers={"X-N": str(n)}).get_environ()
+        environ["REMOTE_ADDR"] = "127.0.0.1"
+        forward_environ(forwarder, upstream.url, environ)
+        assert len(forwarding._BLOCKS) <= forwarding.BLOCKS_MAX
+    for n in range(300):
+        environ = EnvironBuilder(path="/", headers={"Cookie": f"s={n:08d}" + "x" * 8000}).get_environ()
+        forward_environ(forwarder, upstream.url, environ)
+        assert 0 < sum(2 * len(block) for block in forwarding._BLOCKS.values()) <= forwarding.BLOCKS_BYTES
+
+
+def forward_environ(forwarder: Forwarder, url: str, environ: dict) -> tuple[int, bytes]:
+    started = {}
+    result = forwarder.forward(environ, lambda status, headers, exc_info=None: started.update(status=status), url)
+    body = b"".join(result)
+    if hasattr(result, "close"):
+        result.close()
+    return int(started["status"].split()[0]), body
+
+
 # -- large answers moved by splice(2) to the WSGI server's socket ---------------------------------
 
 
