@@ -410,8 +410,10 @@ def _sized(rest: bytes, length: int, sock: socket.socket) -> Iterator[bytes]:
 
 
 def _can_splice(sock: socket.socket, client: socket.socket) -> bool:
-    # Plain sockets both (TLS bytes pass through Python to be encrypted), on Linux.
-    return _SPLICE and type(sock) is socket.socket and type(client) is socket.socket
+    # Plain sockets both (TLS bytes pass through Python to be encrypted), on Linux, and the
+    # client's blocking, as gunicorn's sync and gthread workers leave it: a timeout would make
+    # it non-blocking, and a full send buffer would end the copy.
+    return _SPLICE and type(sock) is socket.socket and type(client) is socket.socket and client.gettimeout() is None
 
 
 def _spliced(rest: bytes, length: int, sock: socket.socket, client: socket.socket) -> Iterator[bytes]:

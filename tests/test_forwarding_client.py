@@ -615,13 +615,19 @@ def test_a_large_body_goes_to_the_servers_socket_by_splice_and_the_connection_st
     assert upstream.connections == 1
 
 
-def test_without_splice_or_below_its_size_every_byte_passes_through_the_server(upstream_factory):
+def test_no_splice_unasked_below_its_size_or_to_a_socket_with_a_timeout(upstream_factory):
     size = forwarding.SPLICE_MIN * 2
     big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
     small = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"s" * 1000
     upstream = upstream_factory(lambda request, n: big if request["path"] == "/big" else small)
-    for forwarder, path, length in ((Forwarder(5, 10), "/big", size), (Forwarder(5, 10, splice=True), "/small", 1000)):
+    cases = [
+        (Forwarder(5, 10), "/big", size, None),
+        (Forwarder(5, 10, splice=True), "/small", 1000, None),
+        (Forwarder(5, 10, splice=True), "/big", size, 20.0),  # a server socket with a timeout
+    ]
+    for forwarder, path, length, timeout in cases:
         with server_socket() as (client, received, reader):
+            client.settimeout(timeout)
             _, items = spliced_forward(forwarder, upstream.url, client, path)
         assert len(b"".join(items)) == length and not received
 
