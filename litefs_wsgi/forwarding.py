@@ -569,9 +569,7 @@ class Forwarder:
         self, connect_timeout: float = 30.0, read_timeout: float = 60.0, pool_size: int = 10, splice: bool = False
     ) -> None:
         self.connect_timeout = connect_timeout
-        # Large answers straight to gunicorn's client socket (_spliced): only where gunicorn
-        # serves this app with nothing around it that reads or changes the body.
-        self.splice = splice
+        self.splice = splice  # see the class's docstring and _spliced
         self.read_timeout = read_timeout
         self.pool_size = max(1, pool_size)
         self._read = read_timeout or None  # 0: no limit
