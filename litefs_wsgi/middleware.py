@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import errors, metrics
 from .config import Config
-from .cookie import TxidCookie, value_of
+from .cookie import COOKIE_NAME, TxidCookie, value_of
 from .forwarding import HOP_ENVIRON_KEY, Forwarder
 from .node import database_files, describe_mount_problem, mount_problem
 from .readonly import REPLAY_ENVIRON_KEY
@@ -160,6 +160,10 @@ class LiteFSMiddleware:
         # a read's answer then goes to the server untouched (counted as the read is sent).
         self._may_replay = getattr(app, "may_replay", True)
         self._only_db = config.db[0] if len(config.db) == 1 else None
+        # Cookie headers whose TXIDs were found reached (Watcher.reached): a client sends the
+        # same one until its next write, and each read then costs a look-up. Not with a
+        # txid_header, which can ask for more than the cookie; not with debug, which logs them.
+        self._reached = None if header or config.debug else self.watcher.memo()
         if config.debug:
             enable_debug_log()
         if config.require_mount:
@@ -184,7 +188,9 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
         replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
-        path = request_path(environ)
+        path = environ.get("PATH_INFO", "")
+        if not path.isascii() or environ.get("SCRIPT_NAME"):
+            path = request_path(environ)  # else the same path, without a call on every request
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
@@ -215,11 +221,16 @@ class LiteFSMiddleware:
         return [b"OK\n"]
 
     def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
-        targets = self.cookie.read(environ)
+        header = environ.get("HTTP_COOKIE")
+        memo = self._reached
+        if header is None or (memo is not None and COOKIE_NAME in header and self.watcher.known_reached(memo, header)):
+            targets = None
+        else:
+            targets = self.cookie.read(environ)
         if self._txid_key is not None:
             targets = self._with_txid_header(environ, targets)
         served = self._metrics.read
-        if targets and not self.watcher.reached(targets):  # seen, or one read: counts waits apart
+        if targets and not self.watcher.reached(targets, memo, header):  # seen, or one read: counts waits apart
             refusal = self._wait(environ, start_response, method, path, targets)
             if refusal is not None:
                 return refusal

@@ -28,6 +28,9 @@ ALIVE_CHECK_INTERVAL = 0.05
 # require_mount, the answer to "is LiteFS mounted?" is kept as long.
 STATE_TTL = 0.1
 
+# Distinct keys (Cookie headers) a memo of reached() holds; emptied when full.
+MEMO_MAX = 4096
+
 
 class TooManyWaiters(Exception):
     """``max_waiters`` reads are already waiting in this process."""
@@ -64,6 +67,8 @@ class Watcher:
         # db -> (TXID, until when it is trusted) and (role, until when): see STATE_TTL.
         self._seen: dict[str, tuple[int, float]] = {}
         self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
+        # The memos of reached() (see memo()), emptied in place when a position goes backwards.
+        self._memos: list[dict[str, float]] = []
         self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
         # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
@@ -94,6 +99,9 @@ class Watcher:
         cannot be read)."""
         txid = self.node.txid(db)
         if txid is not None:
+            seen = self._seen.get(db)
+            if seen is not None and txid < seen[0]:
+                self._forget_reached()  # a restore: what was known reached may be no longer
             self._seen[db] = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
@@ -129,16 +137,36 @@ class Watcher:
     def forget(self) -> None:
         """Read the files again on the next request, whatever STATE_TTL says."""
         self._seen = {}
+        self._forget_reached()
         self._role = (self._role[0], float("-inf"))
         self._mount_checked = float("-inf")
 
     # -- waiting -----------------------------------------------------------------------
 
-    def reached(self, targets: Mapping[str, int]) -> bool:
+    def memo(self) -> dict[str, float]:
+        """A memo for ``reached`` and ``known_reached``, one per caller that names what it asks
+        by a key (a middleware, by the Cookie header its targets come from)."""
+        memo: dict[str, float] = {}
+        self._memos.append(memo)
+        return memo
+
+    def _forget_reached(self) -> None:
+        for memo in self._memos:
+            memo.clear()
+
+    def known_reached(self, memo: dict[str, float], key: str) -> bool:
+        """True when ``reached(targets, memo, key)`` found the targets reached by positions
+        still trusted: read less than STATE_TTL ago, and none gone backwards since."""
+        until = memo.get(key)
+        return until is not None and self.clock() <= until
+
+    def reached(self, targets: Mapping[str, int], memo: dict[str, float] | None = None, key: str | None = None) -> bool:
         """True when every database has reached its TXID (or does not exist: nothing to wait
         for). Known without a read when a position read less than STATE_TTL ago, or a tx
-        event, is at or above each TXID; else the files are read."""
+        event, is at or above each TXID; else the files are read. Known by such positions,
+        it is kept in ``memo`` under ``key`` until the first of them is no longer trusted."""
         now = self.clock()
+        until = float("inf")
         for db in targets:  # not .items(): a read-only mapping's items cost twice its keys
             target = targets[db]
             seen = self._seen.get(db)
@@ -146,6 +174,13 @@ class Watcher:
                 events = self.events
                 if events is None or not events.connected or events.txids.get(db, -1) < target:
                     return all(self._reached(name, self.txid(name), wanted) for name, wanted in targets.items())
+                memo = None  # known from the event stream, which has no deadline of its own
+            elif seen[1] < until:
+                until = seen[1]
+        if memo is not None:
+            if len(memo) >= MEMO_MAX:
+                memo.clear()  # bounded: many clients' headers, or forged ones
+            memo[key] = until
         return True
 
     def _reached(self, db: str, txid: int | None, target: int) -> bool:

@@ -76,6 +76,76 @@ def test_a_restore_is_noticed_within_the_bound(replica):
     assert get(client, 4).status_code == 200
 
 
+def counted(monkeypatch, obj: object, method: str) -> list:
+    """The calls ``obj.method`` gets from now on (the real method still answers)."""
+    calls: list = []
+    real = getattr(obj, method)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, method, spy)
+    return calls
+
+
+def test_the_same_cookie_again_is_served_by_one_look_up_within_the_bound(replica, monkeypatch):
+    replica.set_position("app.db", 10)
+    client, middleware, clock = setup(replica)
+    assert get(client, 10).status_code == 200  # read the file
+    assert get(client, 10).status_code == 200  # known from that read: kept for this header
+    checks = counted(monkeypatch, middleware.watcher, "reached")
+    parses = counted(monkeypatch, middleware.cookie, "read")
+    for _ in range(3):
+        assert get(client, 10).status_code == 200
+    assert not checks and not parses  # neither parsed nor checked again
+    clock.advance(STATE_TTL * 1.01)
+    assert get(client, 10).status_code == 200
+    assert len(checks) == len(parses) == 1  # once the bound has passed
+
+
+def test_a_restore_seen_by_a_write_is_honoured_at_once_by_the_next_read(mount):
+    # A write on the primary reads the position: gone backwards, every cookie header known
+    # to be reached is forgotten, whatever is left of the bound.
+    mount.set_position("app.db", 10)
+    client, _, _ = setup(mount, poll_timeout="20ms")
+    assert get(client, 10).status_code == 200
+    assert get(client, 10).status_code == 200  # now kept for this header
+    mount.set_position("app.db", 4)
+    assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000004;")
+    assert get(client, 10).status_code == 504  # no clock moved: the restore was seen
+    assert get(client, 4).status_code == 200
+
+
+def test_middlewares_sharing_a_mount_keep_what_they_found_apart(replica):
+    # One watcher per mount: the same Cookie header means another TXID to a middleware of
+    # another database, and is checked again for it.
+    replica.set_position("app.db", 10)
+    replica.set_position("other.db", 1)
+    client, first, clock = setup(replica, poll_timeout="20ms")
+    other = Client(
+        LiteFSMiddleware(app, db="other.db", mount_dir=replica.path, forward="fly-replay", poll_timeout="20ms"),
+        use_cookies=False,
+    )
+    for _ in range(2):
+        assert get(client, 10).status_code == 200
+    assert get(other, 10).status_code == 504  # other.db is at 1
+    assert get(client, 10).status_code == 200
+
+
+def test_what_reads_found_is_bounded_and_forgotten_on_forget(replica):
+    from litefs_wsgi.watcher import MEMO_MAX
+
+    replica.set_position("app.db", 10)
+    client, middleware, _ = setup(replica)
+    memo = middleware._reached
+    for n in range(MEMO_MAX + 10):
+        client.get("/", headers={"Cookie": f"n={n}; __txid={10:016x}"})
+    assert 0 < len(memo) <= MEMO_MAX
+    middleware.watcher.forget()
+    assert not memo
+
+
 def test_a_cookie_ahead_of_what_was_seen_reads_the_file_at_once(replica):
     replica.set_position("app.db", 10)
     client, _, _ = setup(replica, poll_timeout="5s")
