@@ -223,8 +223,10 @@ class LiteFSMiddleware:
     def _read(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
         header = environ.get("HTTP_COOKIE")
         memo = self._reached
-        if header is None or (memo is not None and COOKIE_NAME in header and self.watcher.known_reached(memo, header)):
+        if header is None:
             targets = None
+        elif memo is not None and COOKIE_NAME in header and memo.get(header, -1.0) >= self.watcher.clock():
+            targets = None  # found reached by positions still trusted: nothing to parse or check
         else:
             targets = self.cookie.read(environ)
         if self._txid_key is not None:

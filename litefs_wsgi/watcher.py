@@ -144,8 +144,10 @@ class Watcher:
     # -- waiting -----------------------------------------------------------------------
 
     def memo(self) -> dict[str, float]:
-        """A memo for ``reached`` and ``known_reached``, one per caller that names what it asks
-        by a key (a middleware, by the Cookie header its targets come from)."""
+        """A memo for ``reached``, one per caller that names what it asks by a key (a
+        middleware, by the Cookie header its targets come from): a key maps to the time, on
+        ``clock``, until which its targets are known reached. Emptied whenever a position is
+        seen going backwards, and by ``forget``."""
         memo: dict[str, float] = {}
         self._memos.append(memo)
         return memo
@@ -153,12 +155,6 @@ class Watcher:
     def _forget_reached(self) -> None:
         for memo in self._memos:
             memo.clear()
-
-    def known_reached(self, memo: dict[str, float], key: str) -> bool:
-        """True when ``reached(targets, memo, key)`` found the targets reached by positions
-        still trusted: read less than STATE_TTL ago, and none gone backwards since."""
-        until = memo.get(key)
-        return until is not None and self.clock() <= until
 
     def reached(self, targets: Mapping[str, int], memo: dict[str, float] | None = None, key: str | None = None) -> bool:
         """True when every database has reached its TXID (or does not exist: nothing to wait
