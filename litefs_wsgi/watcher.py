@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 
 from .events import EventStream
@@ -30,6 +31,12 @@ STATE_TTL = 0.1
 
 # Distinct keys (Cookie headers) a memo of reached() holds; emptied when full.
 MEMO_MAX = 4096
+
+
+class _Memo(dict):
+    """A dict a weak reference can point at: a watcher keeps no memo of a middleware gone."""
+
+    __slots__ = ("__weakref__",)
 
 
 class TooManyWaiters(Exception):
@@ -68,7 +75,8 @@ class Watcher:
         self._seen: dict[str, tuple[int, float]] = {}
         self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
         # The memos of reached() (see memo()), emptied in place when a position goes backwards.
-        self._memos: list[dict[str, float]] = []
+        self._memos: weakref.WeakValueDictionary[int, _Memo] = weakref.WeakValueDictionary()
+        self._memos_lock = threading.Lock()
         self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
         # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
@@ -80,6 +88,7 @@ class Watcher:
         # A forked worker (gunicorn --preload, uWSGI) inherits no threads: waiters, the poll
         # thread and the event stream of the parent are not its own.
         self._cond = threading.Condition()
+        self._memos_lock = threading.Lock()
         self._waiters = []
         self._thread = None
         self.node.after_fork()
@@ -143,17 +152,20 @@ class Watcher:
 
     # -- waiting -----------------------------------------------------------------------
 
-    def memo(self) -> dict[str, float]:
+    def memo(self) -> _Memo:
         """A memo for ``reached``, one per caller that names what it asks by a key (a
         middleware, by the Cookie header its targets come from): a key maps to the time, on
         ``clock``, until which its targets are known reached. Emptied whenever a position is
         seen going backwards, and by ``forget``."""
-        memo: dict[str, float] = {}
-        self._memos.append(memo)
+        memo = _Memo()
+        with self._memos_lock:
+            self._memos[id(memo)] = memo  # removed when the memo goes, before its id can be another's
         return memo
 
     def _forget_reached(self) -> None:
-        for memo in self._memos:
+        with self._memos_lock:
+            memos = list(self._memos.values())
+        for memo in memos:
             memo.clear()
 
     def reached(self, targets: Mapping[str, int], memo: dict[str, float] | None = None, key: str | None = None) -> bool:

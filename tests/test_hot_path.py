@@ -146,6 +146,16 @@ def test_what_reads_found_is_bounded_and_forgotten_on_forget(replica):
     assert not memo
 
 
+def test_a_watcher_keeps_no_memo_of_a_middleware_gone(replica):
+    import gc
+
+    watcher = LiteFSMiddleware(app, db="app.db", mount_dir=replica.path).watcher
+    kept = len(watcher._memos)
+    LiteFSMiddleware(app, db="app.db", mount_dir=replica.path)  # an app factory's, made per test
+    gc.collect()
+    assert len(watcher._memos) == kept
+
+
 def test_a_cookie_ahead_of_what_was_seen_reads_the_file_at_once(replica):
     replica.set_position("app.db", 10)
     client, _, _ = setup(replica, poll_timeout="5s")
