@@ -77,6 +77,9 @@ class Watcher:
         # The memos of reached() (see memo()), emptied in place when a position goes backwards.
         self._memos: weakref.WeakValueDictionary[int, _Memo] = weakref.WeakValueDictionary()
         self._memos_lock = threading.Lock()
+        # Counts the times the memos were emptied: a reached() that read _seen before one of
+        # them does not keep what it found (see reached).
+        self._forgotten = 0
         self.api_url = api_url
         self.events = EventStream(api_url, self._on_event) if api_url else None
         # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
@@ -109,9 +112,9 @@ class Watcher:
         txid = self.node.txid(db)
         if txid is not None:
             seen = self._seen.get(db)
+            self._seen[db] = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
             if seen is not None and txid < seen[0]:
                 self._forget_reached()  # a restore: what was known reached may be no longer
-            self._seen[db] = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
@@ -163,6 +166,9 @@ class Watcher:
         return memo
 
     def _forget_reached(self) -> None:
+        # After _seen is updated, before the memos are emptied: a reached() racing with this
+        # either reads the new _seen or sees the count move and drops what it stored.
+        self._forgotten += 1
         with self._memos_lock:
             memos = list(self._memos.values())
         for memo in memos:
@@ -174,6 +180,7 @@ class Watcher:
         event, is at or above each TXID; else the files are read. Known by such positions,
         it is kept in ``memo`` under ``key`` until the first of them is no longer trusted."""
         now = self.clock()
+        forgotten = self._forgotten
         until = float("inf")
         for db in targets:  # not .items(): a read-only mapping's items cost twice its keys
             target = targets[db]
@@ -189,6 +196,8 @@ class Watcher:
             if len(memo) >= MEMO_MAX:
                 memo.clear()  # bounded: many clients' headers, or forged ones
             memo[key] = until
+            if self._forgotten != forgotten:
+                memo.pop(key, None)  # a restore seen meanwhile: what was read may be stale
         return True
 
     def _reached(self, db: str, txid: int | None, target: int) -> bool:

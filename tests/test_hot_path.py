@@ -117,6 +117,30 @@ def test_a_restore_seen_by_a_write_is_honoured_at_once_by_the_next_read(mount):
     assert get(client, 4).status_code == 200
 
 
+def test_a_restore_seen_while_a_read_checks_is_not_kept_past_it(mount):
+    # A read finds its TXID in what the watcher had seen just as a write on another thread
+    # sees a restore: that read is served as before, but the next one waits.
+    mount.set_position("app.db", 10)
+    client, middleware, _ = setup(mount, poll_timeout="20ms")
+    watcher = middleware.watcher
+    assert get(client, 10).status_code == 200
+
+    class RestoredMeanwhile(dict):
+        armed = True
+
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            if self.armed:
+                self.armed = False
+                mount.set_position("app.db", 4)
+                watcher.txid("app.db")  # the write, between the read's look and its memo
+            return value
+
+    watcher._seen = RestoredMeanwhile(watcher._seen)
+    assert get(client, 10).status_code == 200  # it looked before the restore
+    assert get(client, 10).status_code == 504  # not served from what that read found
+
+
 def test_middlewares_sharing_a_mount_keep_what_they_found_apart(replica):
     # One watcher per mount: the same Cookie header means another TXID to a middleware of
     # another database, and is checked again for it.
