@@ -6,7 +6,9 @@ them (``gunicorn -c gunicorn.conf.py``, each from its own tree) in front of one 
 app of bench/proxy_rps.py under gunicorn, 1 worker x 8 threads), on a mount where this node is
 the primary. For each load (GET at 32 connections, without and with a satisfied ``__txid``
 cookie), each round runs old, new, new, old (then new, old, old, new) for 2 s each, and the
-ratio new/old of each round's summed req/s is printed: the median and every round.
+ratio new/old of each round's summed req/s is printed: the median and every round; then the
+median ratio new/old of the CPU time each proxy's processes spent per request (user and system,
+from ``/proc``), which moves less than req/s on a shared machine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import tempfile
 
 import common
-from common import ROOT, free_port, gunicorn
+from common import ROOT, children, cpu_seconds, free_port, gunicorn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APP = ["-k", "gthread", "--workers", "1", "--threads", "8", "--log-level", "warning", "--chdir", HERE, "proxy_rps:app"]
@@ -29,13 +31,14 @@ TXID = 0x2A
 LOADS = {"GET c32": None, "c32 cookie": f"__txid={TXID:016x}"}
 
 
-def wrk(port: int, cookie: str | None, seconds: int) -> float:
+def wrk(port: int, cookie: str | None, seconds: int) -> tuple[float, int]:
+    """(req/s, requests) of one wrk run; (0.0, 0) when wrk printed none."""
     command = ["wrk", "-t2", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/bench/items"]
     if cookie:
         command[1:1] = ["-H", f"Cookie: {cookie}"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match[1]) if match else 0.0
+    rate, count = re.search(r"Requests/sec:\s+([\d.]+)", out), re.search(r"(\d+) requests in", out)
+    return (float(rate[1]), int(count[1])) if rate and count else (0.0, 0)
 
 
 @contextlib.contextmanager
@@ -66,24 +69,34 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(mount, "app.db-pos"), "w") as f:
             f.write(f"{TXID:016x}/0000000000000001\n")
         config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount, f"127.0.0.1:{target}")
-        ports = {}
+        ports, processes = {}, {}
         for name, root in (("old", old_root), ("new", ROOT)):
             # Started in its own tree: ``python -m gunicorn`` imports litefs_wsgi from there.
             ports[name] = free_port()
             conf = ["-c", os.path.join(root, "gunicorn.conf.py")]
             env = {"LITEFS_WSGI_CONFIG": config}
-            stack.enter_context(gunicorn(conf, ports[name], env, root, stderr=subprocess.DEVNULL))
+            master = stack.enter_context(gunicorn(conf, ports[name], env, root, stderr=subprocess.DEVNULL))
+            processes[name] = [master.pid, *children(master.pid)]
         print(f"new ({ROOT}) over old ({args.rev}), req/s, {args.rounds} rounds of 4 x {args.seconds} s")
         for load, cookie in LOADS.items():
-            ratios = []
+            ratios, cpu_ratios = [], []
             for index in range(args.rounds):
                 order = ("old", "new", "new", "old") if index % 2 == 0 else ("new", "old", "old", "new")
                 rps = {"old": 0.0, "new": 0.0}
+                cpu = {"old": 0.0, "new": 0.0}
+                served = {"old": 0, "new": 0}
                 for name in order:
-                    rps[name] += wrk(ports[name], cookie, args.seconds)
+                    before = cpu_seconds(processes[name])
+                    rate, count = wrk(ports[name], cookie, args.seconds)
+                    cpu[name] += cpu_seconds(processes[name]) - before
+                    rps[name] += rate
+                    served[name] += count
                 ratios.append(rps["new"] / rps["old"] if rps["old"] else float("nan"))
+                if served["old"] and served["new"] and cpu["old"]:
+                    cpu_ratios.append((cpu["new"] / served["new"]) / (cpu["old"] / served["old"]))
             rounds = " ".join(f"{r:.2f}" for r in ratios)
-            print(f"{load:<11} median {statistics.median(ratios):.2f}  rounds {rounds}")
+            cpu_median = f"{statistics.median(cpu_ratios):.2f}" if cpu_ratios else "n/a"
+            print(f"{load:<11} median {statistics.median(ratios):.2f}  rounds {rounds}  CPU per request {cpu_median}")
     return 0
 
 
