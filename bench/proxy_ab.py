@@ -69,14 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(mount, "app.db-pos"), "w") as f:
             f.write(f"{TXID:016x}/0000000000000001\n")
         config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount, f"127.0.0.1:{target}")
-        ports, processes = {}, {}
+        ports, masters = {}, {}
         for name, root in (("old", old_root), ("new", ROOT)):
             # Started in its own tree: ``python -m gunicorn`` imports litefs_wsgi from there.
             ports[name] = free_port()
             conf = ["-c", os.path.join(root, "gunicorn.conf.py")]
             env = {"LITEFS_WSGI_CONFIG": config}
-            master = stack.enter_context(gunicorn(conf, ports[name], env, root, stderr=subprocess.DEVNULL))
-            processes[name] = [master.pid, *children(master.pid)]
+            masters[name] = stack.enter_context(gunicorn(conf, ports[name], env, root, stderr=subprocess.DEVNULL))
         print(f"new ({ROOT}) over old ({args.rev}), req/s, {args.rounds} rounds of 4 x {args.seconds} s")
         for load, cookie in LOADS.items():
             ratios, cpu_ratios = [], []
@@ -86,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = {"old": 0.0, "new": 0.0}
                 served = {"old": 0, "new": 0}
                 for name in order:
-                    before = cpu_seconds(processes[name])
+                    # The workers looked up at each run: gunicorn listens before it forks them.
+                    pids = [masters[name].pid, *children(masters[name].pid)]
+                    before = cpu_seconds(pids)
                     rate, count = wrk(ports[name], cookie, args.seconds)
-                    cpu[name] += cpu_seconds(processes[name]) - before
+                    cpu[name] += cpu_seconds(pids) - before
                     rps[name] += rate
                     served[name] += count
                 ratios.append(rps["new"] / rps["old"] if rps["old"] else float("nan"))

@@ -146,7 +146,7 @@ def test_middlewares_sharing_a_mount_keep_what_they_found_apart(replica):
     # another database, and is checked again for it.
     replica.set_position("app.db", 10)
     replica.set_position("other.db", 1)
-    client, first, clock = setup(replica, poll_timeout="20ms")
+    client, _, _ = setup(replica, poll_timeout="20ms")
     other = Client(
         LiteFSMiddleware(app, db="other.db", mount_dir=replica.path, forward="fly-replay", poll_timeout="20ms"),
         use_cookies=False,
