@@ -186,8 +186,7 @@ class LiteFSMiddleware:
         # The hop marker is ours and never reaches the app. It only makes this node refuse
         # to forward the request again (and, on the primary, answer it with the cookie):
         # sent by a client, it can never choose where a request goes.
-        marked = environ.pop(HOP_ENVIRON_KEY, None) is not None
-        replayed = marked or "HTTP_FLY_REPLAY_SRC" in environ  # Fly.io's edge replayed it
+        replayed = environ.pop(HOP_ENVIRON_KEY, None) is not None or "HTTP_FLY_REPLAY_SRC" in environ
         path = environ.get("PATH_INFO", "")
         if not path.isascii() or environ.get("SCRIPT_NAME"):
             path = request_path(environ)  # else the same path, without a call on every request
@@ -196,10 +195,13 @@ class LiteFSMiddleware:
             self._debug("passthrough", method, path)
             self._metrics.passthrough()
             return self.app(environ, start_response)
-        if method == "GET" and path == HEALTH_PATH:
-            self._metrics.health()
-            return self._health(start_response)
-        if method not in ("GET", "HEAD") or (self._always_forward is not None and self._always_forward.fullmatch(path)):
+        if method == "GET":
+            if path == HEALTH_PATH:
+                self._metrics.health()
+                return self._health(start_response)
+        elif method != "HEAD":
+            return self._write(environ, start_response, method, path, replayed)
+        if self._always_forward is not None and self._always_forward.fullmatch(path):
             return self._write(environ, start_response, method, path, replayed)
         return self._read(environ, start_response, method, path, replayed)
 

@@ -174,22 +174,32 @@ class Node:
 
     def pos(self, db: str) -> Pos | None:
         """The database's position; None when it does not exist yet or cannot be read."""
-        return self._read_pos(db, parse_pos)
+        return self.txid(db, parse_pos)
 
-    def txid(self, db: str) -> int | None:
-        """The TXID of the database's position (what a request needs, parsed alone)."""
-        return self._read_pos(db, parse_pos_txid)
-
-    def _read_pos(self, db: str, parse: Callable[[bytes], T | None]) -> T | None:
+    def txid(self, db: str, parse: Callable[[bytes], T | None] = parse_pos_txid) -> T | None:
+        """The TXID of the database's position (what a request needs, parsed alone), or what
+        ``parse`` makes of the file (``pos`` passes ``parse_pos``); None when it does not exist
+        yet or cannot be read."""
+        # Read on every write: the file read here, inline, where a helper's Python call costs
+        # about what the read(2) does.
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
         try:
-            data = self._pread(db, path) if self.keep_open else _read(path)
+            if self.keep_open:
+                data = self._pread(db, path)
+                if data is None:
+                    return None
+            else:
+                fd = os.open(path, os.O_RDONLY)  # not open(): a buffered file object costs more than the read
+                try:
+                    data = os.read(fd, _MAX_CONTROL_FILE)
+                finally:
+                    os.close(fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         except OSError as exc:  # a directory, no permission, the mount going away
             self._report(logging.WARNING, db, str(exc), "cannot read the position of %s: %s", db, exc)
-            return None
-        if data is None:
             return None
         value = parse(data)
         if value is None:
