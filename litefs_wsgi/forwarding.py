@@ -117,18 +117,16 @@ def _keep(memo: dict[K, V], key: K, value: V, most: int) -> V:
 class Connection:
     """A keep-alive connection to one destination, with the bytes read past the last answer."""
 
-    __slots__ = ("sock", "reused", "_poll")
+    __slots__ = ("sock", "reused", "poll")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reused = False
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
-
-    def idle_and_open(self) -> bool:
-        """Nothing to read on an idle connection: neither the other side's close (a FIN or a
-        reset) nor bytes it should not have sent. One poll(2), no wait."""
-        return not self._poll.poll(0)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        # poll(0) is empty on an idle connection that is still open: neither the other side's
+        # close (a FIN or a reset) nor bytes it should not have sent. One poll(2), no wait.
+        self.poll = poller.poll
 
     def close(self) -> None:
         self.sock.close()
@@ -628,7 +626,7 @@ class Forwarder:
                 conn = idle.pop()  # the most recently used: the least likely to have been closed
             except IndexError:
                 return None
-            if conn.idle_and_open():
+            if not conn.poll(0):  # idle, and still open
                 return conn
             conn.close()
         return None
@@ -643,12 +641,6 @@ class Forwarder:
         else:
             conn.close()
 
-    def _destination(self, base_url: str) -> Destination:
-        dest = self._destinations.get(base_url)
-        if dest is None:
-            dest = _keep(self._destinations, base_url, destination(base_url), 256)
-        return dest
-
     # -- forwarding ----------------------------------------------------------------------
 
     def forward(self, environ: dict, start_response, base_url: str, mark: bool = False) -> Iterable[bytes]:
@@ -659,11 +651,16 @@ class Forwarder:
         each logged at WARNING (a bounded number per minute).
         """
         method = environ["REQUEST_METHOD"]
-        try:
-            dest = self._destination(base_url)
-        except ValueError as exc:
-            why = f"cannot forward to {base_url!r}: {exc}"
-            return self.failed(environ, start_response, 502, base_url, why, cause="url", mark=mark)
+        # Python calls are most of what a forward costs here (each about what a system call
+        # does): where a look-up will do, this path makes none (here, in _pooled, and for the
+        # answer's head and a body that came with it, below).
+        dest = self._destinations.get(base_url)
+        if dest is None:
+            try:
+                dest = _keep(self._destinations, base_url, destination(base_url), 256)
+            except ValueError as exc:
+                why = f"cannot forward to {base_url!r}: {exc}"
+                return self.failed(environ, start_response, 502, base_url, why, cause="url", mark=mark)
         chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
         # werkzeug's parse only for a length sent: a GET has none.
         length = None if chunked or "CONTENT_LENGTH" not in environ else get_content_length(environ)
@@ -704,7 +701,16 @@ class Forwarder:
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
-        start_response(answer.status_line(), answer.relayed())
+        line, relay = answer.line, answer.relay  # a head copied from a template has both
+        start_response(
+            line if line is not None else answer.status_line(),
+            list(relay) if relay is not None else answer.relayed(),
+        )
+        rest, length = answer.rest, answer.length
+        if length is not None and len(rest) >= length:
+            # The whole body came with the head (body_of's first case, without its calls).
+            self._release(dest, conn, answer.keep_alive and len(rest) == length)
+            return [rest[:length]] if length else []
         client = environ.get("gunicorn.socket") if self.splice else None
         return body_of(answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client)
 
