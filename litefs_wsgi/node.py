@@ -180,26 +180,17 @@ class Node:
         """The TXID of the database's position (what a request needs, parsed alone), or what
         ``parse`` makes of the file (``pos`` passes ``parse_pos``); None when it does not exist
         yet or cannot be read."""
-        # Read on every write: the file read here, inline, where a helper's Python call costs
-        # about what the read(2) does.
+        # Read on every write: no helper between this and the read (a Python call costs
+        # about what the read(2) does).
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
         try:
-            if self.keep_open:
-                data = self._pread(db, path)
-                if data is None:
-                    return None
-            else:
-                fd = os.open(path, os.O_RDONLY)  # not open(): a buffered file object costs more than the read
-                try:
-                    data = os.read(fd, _MAX_CONTROL_FILE)
-                finally:
-                    os.close(fd)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            data = self._pread(db, path) if self.keep_open else _read(path)
         except OSError as exc:  # a directory, no permission, the mount going away
             self._report(logging.WARNING, db, str(exc), "cannot read the position of %s: %s", db, exc)
+            return None
+        if data is None:
             return None
         value = parse(data)
         if value is None:
