@@ -180,8 +180,8 @@ class Node:
         """The TXID of the database's position (what a request needs, parsed alone), or what
         ``parse`` makes of the file (``pos`` passes ``parse_pos``); None when it does not exist
         yet or cannot be read."""
-        # Read on every write: no helper between this and the read (a Python call costs
-        # about what the read(2) does).
+        # Read on every write: no method between this and _read (a Python call costs about
+        # what the read(2) does).
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")

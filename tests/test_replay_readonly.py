@@ -174,9 +174,7 @@ def test_off_it_is_the_apps_own_500(cluster):
     assert rows(primary) == [] and seen["primary"] == []
 
 
-@pytest.mark.parametrize(
-    "headers", [{"Fly-Replay-Src": "instance=other;region=ord;t=1"}, {"X-LiteFS-Forwarded": "1"}]
-)
+@pytest.mark.parametrize("headers", [{"Fly-Replay-Src": "instance=other;region=ord;t=1"}, {"X-LiteFS-Forwarded": "1"}])
 def test_a_request_already_forwarded_is_not_replayed_again(cluster, headers):
     primary, _ = cluster
     with nodes(cluster) as (_, replica_url, seen):

@@ -214,9 +214,10 @@ def test_the_primarys_header_comes_back_through_http_forwarding(tmp_path):
     primary, replica = LiteFSMount(tmp_path / "primary"), LiteFSMount(tmp_path / "replica")
     primary.make_primary()
     replica.make_replica("127.0.0.1")
-    with fwd_node(primary) as primary_port, fwd_node(
-        replica, primary_url=f"http://{{hostname}}:{primary_port}", poll_timeout="500ms"
-    ) as replica_port:
+    with (
+        fwd_node(primary) as primary_port,
+        fwd_node(replica, primary_url=f"http://{{hostname}}:{primary_port}", poll_timeout="500ms") as replica_port,
+    ):
         status, headers, _ = request(replica_port, "POST", "/echo", body=b"write")
         assert status == 200
         txid = txid_cookie(headers)
