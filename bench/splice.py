@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
 
 import common
-from proxy_rps import STREAM, wrk
+from proxy_rps import APP, STREAM, wrk
 
 SETUPS = ("spliced", "copied")
 
@@ -34,7 +34,7 @@ def machine_busy() -> float:
     """Seconds of CPU time the whole machine has spent busy (not idle or waiting), from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait, up to steal
+    busy = sum(fields[:3]) + fields[5] + fields[6]  # user, nice, system, irq, softirq: not idle, iowait or steal
     return busy / os.sysconf("SC_CLK_TCK")
 
 
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are printed")
     parser.add_argument("--seconds", type=int, default=3, help="length of each wrk run")
     args = parser.parse_args(argv)
-    if subprocess.run(["which", "wrk"], capture_output=True).returncode != 0:
+    load = os.getloadavg()[0]
+    if shutil.which("wrk") is None:
         raise SystemExit("needs wrk (Debian: apt-get install wrk)")
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -60,14 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         mount = LiteFSMount(os.path.join(tmp, "mount"))
         mount.make_primary()
         mount.set_position("app.db", 1)
-        no_splice = os.path.join(tmp, "no_splice")
+        no_splice, marker = os.path.join(tmp, "no_splice"), os.path.join(tmp, "splice-off")
         os.mkdir(no_splice)
         with open(os.path.join(no_splice, "sitecustomize.py"), "w") as f:
-            f.write("import litefs_wsgi.forwarding\n\nlitefs_wsgi.forwarding._SPLICE = False\n")
+            # The marker says it ran: a sitecustomize that fails only prints to stderr.
+            f.write(
+                "import litefs_wsgi.forwarding\n\nlitefs_wsgi.forwarding._SPLICE = False\n"
+                f"open({marker!r}, 'w').close()\n"
+            )
+        log = open(os.path.join(tmp, "servers.log"), "w")  # closed by the stack, before the directory goes
+        stack.callback(log.close)
         app_port = common.free_port()
-        app_args = ["-k", "gthread", "--workers", "1", "--threads", "8", "--log-level", "warning", "proxy_rps:app"]
         app = stack.enter_context(
-            common.gunicorn(app_args, app_port, {"PYTHONPATH": here}, here, stderr=subprocess.DEVNULL)
+            common.gunicorn([*APP, "proxy_rps:app"], app_port, {"PYTHONPATH": here}, here, stderr=log)
         )
         config = common.proxy_config(os.path.join(tmp, "litefs.yml"), mount.path, f"127.0.0.1:{app_port}")
         proxies = {}
@@ -77,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "spliced":
                 env["PYTHONPATH"] = common.ROOT
             conf = os.path.join(common.ROOT, "gunicorn.conf.py")
-            quiet = {"stderr": subprocess.DEVNULL}
-            proxies[name] = (stack.enter_context(common.gunicorn(["-c", conf], port, env, **quiet)), port)
+            proxies[name] = (stack.enter_context(common.gunicorn(["-c", conf], port, env, stderr=log)), port)
+        if not os.path.exists(marker):
+            raise SystemExit(f"the copied proxy did not turn the splice off; its log: {log.name}")
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in SETUPS}
         for index in range(args.rounds + 1):  # the first round warms up and is not counted
             for name in SETUPS if index % 2 else reversed(SETUPS):
@@ -98,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name].setdefault(key, []).append(value / gib)
                 samples[name].setdefault("GiB/s", []).append(rate * STREAM / 2**30)
     print(
-        f"64 MiB answers at 4 connections, {args.rounds} alternating rounds of {args.seconds} s, medians; "
-        "CPU seconds per GiB moved"
+        f"{os.cpu_count()} cores, load average {load:.1f}; 64 MiB answers at 4 connections, "
+        f"{args.rounds} alternating rounds of {args.seconds} s, medians; CPU seconds per GiB moved"
     )
     print(f"{'':10} {'GiB/s':>7} {'proxy':>7} {'app':>7} {'wrk':>7} {'machine':>8}")
     for name in SETUPS:
