@@ -67,6 +67,12 @@ def _bool(value: Any, name: str) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
 
+def _optional_bool(value: Any, name: str) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    return _bool(value, name)
+
+
 def _int(value: Any, name: str) -> int:
     try:
         number = int(value) if not isinstance(value, (bool, float)) else None
@@ -288,6 +294,12 @@ class Config:
     )
     replay_on_readonly: bool = _field(
         True, check=_bool, doc="on a replica, a GET/HEAD failing with SQLite's read-only error runs on the primary"
+    )
+    keep_pos_open: bool | None = _field(
+        None,
+        check=_optional_bool,
+        doc="read DB-pos through a descriptor kept open (one pread per write) instead of opening it each time; "
+        "default (auto): only under LiteFS's exec:, since an open descriptor keeps LiteFS from unmounting",
     )
 
     def __post_init__(self) -> None:

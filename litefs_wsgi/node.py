@@ -153,6 +153,12 @@ class Node:
         self._retired: list[tuple[int, float]] = []  # (descriptor, when replaced)
         self._lock = threading.Lock()
 
+    def set_keep_open(self, keep_open: bool) -> None:
+        """Read positions through kept descriptors or not, from now on (``keep_pos_open``)."""
+        self.keep_open = keep_open
+        if not keep_open:
+            self.close()
+
     def close(self) -> None:
         """Close the kept descriptors."""
         with self._lock:

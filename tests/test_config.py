@@ -55,6 +55,7 @@ def test_defaults_are_litefs_defaults():
     assert config.metrics_path is None
     assert config.txid_header is None
     assert config.replay_on_readonly is True
+    assert config.keep_pos_open is None  # auto: kept open only under LiteFS's exec:
 
 
 def test_every_option_is_tested_above():
@@ -64,7 +65,7 @@ def test_every_option_is_tested_above():
         "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
         "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
         "primary_url", "cookie_secret", "api_url", "max_waiters", "require_mount",
-        "metrics_path", "txid_header", "replay_on_readonly",
+        "metrics_path", "txid_header", "replay_on_readonly", "keep_pos_open",
     }  # fmt: skip
 
 
@@ -186,11 +187,25 @@ def test_poll_interval_zero_is_an_error():
         ({"txid_header": "LiteFS TXID"}, "txid_header"),
         ({"txid_header": "Cookie"}, "txid_header"),
         ({"replay_on_readonly": "sometimes"}, "replay_on_readonly"),
+        ({"keep_pos_open": "always"}, "keep_pos_open"),
     ],
 )
 def test_bad_values_are_errors_naming_the_option(options, name):
     with pytest.raises(ConfigError, match=f"^{name}: "):
         Config(**{"db": "app.db", **options})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), ("auto", None), ("", None), ("true", True), (False, False)]
+)
+def test_keep_pos_open_is_auto_unless_set(value, expected):
+    assert Config(db="app.db", keep_pos_open=value).keep_pos_open is expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), ("1", True), ("off", False)])
+def test_keep_pos_open_from_the_environment(value, expected):
+    env = {"LITEFS_PROXY_DB": "app.db", "LITEFS_PROXY_KEEP_POS_OPEN": value}
+    assert Config.load(env=env).keep_pos_open is expected
 
 
 def test_unknown_option_names_itself():

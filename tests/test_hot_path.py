@@ -380,3 +380,28 @@ def test_outside_litefs_exec_no_descriptor_is_kept(mount):
     mount.set_position("app.db", 3)
     assert node.txid("app.db") == 3
     assert open_descriptors(os.path.join(mount.path, "app.db-pos")) == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets_its_position(mount):
+    # For an app beside LiteFS that stops before it (its own open SQLite connections keep
+    # LiteFS from unmounting all the same): writes read -pos with one pread.
+    pos = os.path.join(mount.path, "app.db-pos")
+    mount.set_position("app.db", 5)
+
+    def writes(environ, start_response):
+        with open(pos, "r+b") as f:  # the commit, as LiteFS moves the file it serves
+            f.write(format_pos(Pos(6, 6)))
+        return app(environ, start_response)
+
+    client, middleware, _ = setup(mount, writes, keep_pos_open=True)
+    assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
+    assert open_descriptors(pos) == 1  # kept
+    with open(pos, "r+b") as f:
+        f.write(format_pos(Pos(7, 7)))
+    assert middleware.watcher.txid("app.db") == 7  # through the kept descriptor, at once
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, keep_pos_open=False)  # the same mount's node
+    assert middleware.watcher.node.keep_open is False
+    assert open_descriptors(pos) == 0  # closed at once
+    assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
+    assert open_descriptors(pos) == 0

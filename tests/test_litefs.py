@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import uuid
 from http.cookies import SimpleCookie
@@ -219,6 +220,33 @@ def test_under_litefs_exec_positions_are_read_through_kept_descriptors_and_litef
         assert not mounted(node.fuse_dir)  # by LiteFS itself: nothing here unmounted it
     finally:
         node.close()
+
+
+def test_keep_pos_open_beside_litefs_gives_each_write_its_commit_through_one_descriptor(litefs):
+    mount_dir = str(litefs.primary.fuse_dir)
+    pos = os.path.realpath(os.path.join(mount_dir, "app.db-pos"))
+
+    def kept() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == pos for fd in os.listdir("/proc/self/fd"))
+
+    def inserts(environ, start_response):
+        with sqlite3.connect(os.path.join(mount_dir, "app.db")) as db:
+            db.execute("INSERT INTO rows VALUES (?, 'a')", (uuid.uuid4().hex,))
+        db.close()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = LiteFSMiddleware(inserts, db="app.db", mount_dir=mount_dir, forward="http", keep_pos_open=True)
+    client = Client(middleware, use_cookies=False)
+    try:
+        for _ in range(5):
+            cookie = SimpleCookie(client.post("/").headers["Set-Cookie"])
+            assert int(cookie["__txid"].value, 16) == litefs.primary.pos()  # the commit's, never the one before
+            assert kept() == 1
+    finally:
+        # The cluster's LiteFS must still unmount at the end of the session.
+        LiteFSMiddleware(inserts, db="app.db", mount_dir=mount_dir, keep_pos_open=False)
+    assert kept() == 0
 
 
 def test_a_process_beside_litefs_opens_the_position_file_for_each_read(litefs):
