@@ -31,9 +31,10 @@ _MAX_CONTROL_FILE = 320
 # close take four (on this 2-core machine 94 µs against 330-500 µs). But a descriptor open on
 # the mount keeps LiteFS from unmounting ("fusermount3: Device or resource busy": it exits 1,
 # and cannot mount there again). Only a process that ``litefs mount`` started (its exec:)
-# has surely exited by then: LiteFS signals it and waits for it before unmounting. There, and
-# only there, descriptors are kept; elsewhere (a directory laid out like a mount, whose files
-# a test replaces by rename, or a process beside LiteFS) each read opens the file.
+# has surely exited by then: LiteFS signals it and waits for it before unmounting. There
+# descriptors are kept by default; elsewhere (a directory laid out like a mount, whose files
+# a test replaces by rename, or a process beside LiteFS) each read opens the file, unless
+# keep_pos_open says otherwise.
 KEEP_FOR = 1.0  # seconds one kept descriptor serves: a dropped and re-created database is seen within it
 RETIRED_FOR = 10.0  # a replaced descriptor is closed this much later, when no thread can still be reading it
 
@@ -154,10 +155,27 @@ class Node:
         self._lock = threading.Lock()
 
     def set_keep_open(self, keep_open: bool) -> None:
-        """Read positions through kept descriptors or not, from now on (``keep_pos_open``)."""
-        self.keep_open = keep_open
-        if not keep_open:
-            self.close()
+        """Read positions through kept descriptors or not, from now on (``keep_pos_open``).
+        Turned off, the descriptors kept so far close RETIRED_FOR later: a thread may be
+        reading one at this moment."""
+        with self._lock:
+            self.keep_open = keep_open
+            if keep_open or not self._kept:
+                return
+            now = self.clock()
+            self._retired += [(fd, now) for fd, _ in self._kept.values()]
+            self._kept = {}
+        timer = threading.Timer(RETIRED_FOR, self._close_retired)
+        timer.daemon = True
+        timer.start()
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            if self.keep_open:
+                return  # on again: _pread closes them in turn
+            fds, self._retired = [fd for fd, _ in self._retired], []
+        for fd in fds:
+            _close(fd)
 
     def close(self) -> None:
         """Close the kept descriptors."""
@@ -212,6 +230,8 @@ class Node:
             except OSError:
                 pass  # the mount went away (ENOTCONN): opening again says why
         with self._lock:
+            if not self.keep_open:
+                return _read(path)  # turned off while this thread waited for the lock
             now = self.clock()
             current = self._kept.get(db)
             if current is not None and current is not kept and now < current[1]:

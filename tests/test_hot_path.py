@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from servers import answers
 from werkzeug.test import Client
 
+import litefs_wsgi.node as node_module
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.cookie import cookie_value
 from litefs_wsgi.node import KEEP_FOR, RETIRED_FOR, Node
@@ -383,9 +384,10 @@ def test_outside_litefs_exec_no_descriptor_is_kept(mount):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
-def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets_its_position(mount):
+def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets_its_position(mount, monkeypatch):
     # For an app beside LiteFS that stops before it (its own open SQLite connections keep
     # LiteFS from unmounting all the same): writes read -pos with one pread.
+    monkeypatch.setattr(node_module, "RETIRED_FOR", 0.05)
     pos = os.path.join(mount.path, "app.db-pos")
     mount.set_position("app.db", 5)
 
@@ -395,13 +397,28 @@ def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets
         return app(environ, start_response)
 
     client, middleware, _ = setup(mount, writes, keep_pos_open=True)
+    node = middleware.watcher.node
+    assert node.keep_open is True
     assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
     assert open_descriptors(pos) == 1  # kept
     with open(pos, "r+b") as f:
         f.write(format_pos(Pos(7, 7)))
-    assert middleware.watcher.txid("app.db") == 7  # through the kept descriptor, at once
-    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, keep_pos_open=False)  # the same mount's node
-    assert middleware.watcher.node.keep_open is False
-    assert open_descriptors(pos) == 0  # closed at once
+    assert node.txid("app.db") == 7
+    assert open_descriptors(pos) == 1  # the same descriptor
+    node.set_keep_open(False)
     assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
+    assert not node._kept  # opened for the read, none kept
+    deadline = time.monotonic() + 10
+    while open_descriptors(pos) and time.monotonic() < deadline:  # closed RETIRED_FOR later
+        time.sleep(0.01)
     assert open_descriptors(pos) == 0
+
+
+def test_keep_pos_open_left_on_auto_changes_nothing(mount):
+    # What the mount's node chose (under LiteFS's exec:, kept) stays: auto is not False.
+    node = Node(mount.path, keep_open=True)
+    middleware = LiteFSMiddleware(app, db="app.db", mount_dir=mount.path)
+    middleware.watcher.node = node
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path)
+    assert middleware.watcher.node.keep_open is True
+    node.close()
