@@ -415,10 +415,9 @@ def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets
 
 
 def test_keep_pos_open_left_on_auto_changes_nothing(mount):
-    # What the mount's node chose (under LiteFS's exec:, kept) stays: auto is not False.
-    node = Node(mount.path, keep_open=True)
-    middleware = LiteFSMiddleware(app, db="app.db", mount_dir=mount.path)
-    middleware.watcher.node = node
-    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path)
-    assert middleware.watcher.node.keep_open is True
-    node.close()
+    # What the mount's node chose stays (kept, as under LiteFS's exec:): auto is not False.
+    node = LiteFSMiddleware(app, db="app.db", mount_dir=mount.path).watcher.node
+    node.keep_open = True
+    assert LiteFSMiddleware(app, db="app.db", mount_dir=mount.path).watcher.node is node  # one per mount
+    assert node.keep_open is True
+    node.set_keep_open(False)
