@@ -298,8 +298,8 @@ class Config:
     keep_pos_open: bool | None = _field(
         None,
         check=_optional_bool,
-        doc="read DB-pos through a descriptor kept open (one pread per write) instead of opening it each time; "
-        "default (auto): only under LiteFS's exec:, since an open descriptor keeps LiteFS from unmounting",
+        doc="read DB-pos through a descriptor kept open (one pread per write) instead of opening it each time, "
+        "let go after 0.1 s without a read; default (auto): on LiteFS's own mount and under its exec:",
     )
 
     def __post_init__(self) -> None:

@@ -30,13 +30,18 @@ _MAX_CONTROL_FILE = 320
 # new position with one pread(2): one round trip to the LiteFS daemon, where open, read and
 # close take four (on this 2-core machine 94 µs against 330-500 µs). But a descriptor open on
 # the mount keeps LiteFS from unmounting ("fusermount3: Device or resource busy": it exits 1,
-# and cannot mount there again). Only a process that ``litefs mount`` started (its exec:)
-# has surely exited by then: LiteFS signals it and waits for it before unmounting. There
-# descriptors are kept by default; elsewhere (a directory laid out like a mount, whose files
-# a test replaces by rename, or a process beside LiteFS) each read opens the file, unless
-# keep_pos_open says otherwise.
+# and cannot mount there again). So a kept descriptor is let go as soon as it has served no
+# read for IDLE_FOR: its number then points at /dev/null (dup2), which frees the mount at once
+# while a thread that has just looked it up reads nothing and opens the file instead; the
+# number itself is closed RETIRED_FOR later, when no thread can still hold it. A node whose
+# last write is older than IDLE_FOR therefore holds nothing open on the mount, like an app
+# whose SQLite connections are closed between requests. Descriptors are kept by default on
+# LiteFS's own mount (where LiteFS changes a file in place) and under its exec:; not on a
+# directory laid out like a mount, whose files a test or the demo replaces by rename, and
+# never when keep_pos_open is false.
 KEEP_FOR = 1.0  # seconds one kept descriptor serves: a dropped and re-created database is seen within it
-RETIRED_FOR = 10.0  # a replaced descriptor is closed this much later, when no thread can still be reading it
+IDLE_FOR = 0.1  # a kept descriptor that served no read this long is let go: the mount is free to unmount
+RETIRED_FOR = 10.0  # a descriptor let go is closed this much later, when no thread can still be reading it
 
 
 def valid_hostname(name: str) -> bool:
@@ -120,6 +125,12 @@ def under_litefs_exec() -> bool:
     return False
 
 
+def on_litefs_mount(mount_dir: str) -> bool:
+    """True when ``mount_dir`` is where LiteFS is mounted now (see litefs_mounts)."""
+    here = os.path.realpath(mount_dir)
+    return any(os.path.realpath(path) == here for path in litefs_mounts())
+
+
 def _read(path: str) -> bytes | None:
     """Return a control file's bytes, or None when it is absent; other errors raise OSError."""
     try:
@@ -144,51 +155,102 @@ class Node:
 
     def __init__(self, mount_dir: str, keep_open: bool | None = None) -> None:
         """``keep_open``: read positions through kept descriptors (see KEEP_FOR); by default
-        only under LiteFS's exec:."""
+        on LiteFS's own mount and under its exec:."""
         self.mount_dir = mount_dir
         self._reported: dict[str, object] = {}
         self._pos_paths: dict[str, str] = {}
-        self.keep_open = under_litefs_exec() if keep_open is None else keep_open
+        if keep_open is None:
+            keep_open = on_litefs_mount(mount_dir) or under_litefs_exec()
+        self.keep_open = keep_open
         self.clock: Callable[[], float] = time.monotonic
-        self._kept: dict[str, tuple[int, float]] = {}  # db -> (descriptor, until when it serves)
-        self._retired: list[tuple[int, float]] = []  # (descriptor, when replaced)
+        # db -> [descriptor, until when it serves, when it last served]: a list, so that a
+        # read stamps its use with one store.
+        self._kept: dict[str, list] = {}
+        self._retired: list[tuple[int, float]] = []  # (descriptor let go, when)
+        self._devnull: int | None = None  # what a descriptor let go points at until closed
+        self._reaper: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def set_keep_open(self, keep_open: bool) -> None:
         """Read positions through kept descriptors or not, from now on (``keep_pos_open``).
-        Turned off, the descriptors kept so far close RETIRED_FOR later: a thread may be
-        reading one at this moment."""
+        Turned off, the descriptors kept so far are let go at once (see IDLE_FOR)."""
         with self._lock:
             self.keep_open = keep_open
-            if keep_open or not self._kept:
-                return
-            now = self.clock()
-            self._retired += [(fd, now) for fd, _ in self._kept.values()]
-            self._kept = {}
-        timer = threading.Timer(RETIRED_FOR, self._close_retired)
-        timer.daemon = True
-        timer.start()
+            if not keep_open:
+                now = self.clock()
+                for kept in self._kept.values():
+                    self._let_go(kept[0], now)
+                self._kept = {}
 
-    def _close_retired(self) -> None:
+    def release_idle(self) -> bool:
+        """Let go of the descriptors that served no read for IDLE_FOR or were kept past
+        KEEP_FOR, and close those let go RETIRED_FOR ago; what a thread of the node's own
+        does every IDLE_FOR while any is kept. True while some descriptor is still held."""
         with self._lock:
-            if self.keep_open:
-                return  # on again: _pread closes them in turn
-            fds, self._retired = [fd for fd, _ in self._retired], []
-        for fd in fds:
+            closing = self._sweep(self.clock())
+            held = bool(self._kept or self._retired)
+        for fd in closing:
             _close(fd)
+        return held
 
     def close(self) -> None:
-        """Close the kept descriptors."""
+        """Close the kept descriptors and those let go: no thread may be reading them."""
         with self._lock:
-            fds = [fd for fd, _ in self._kept.values()] + [fd for fd, _ in self._retired]
+            fds = [kept[0] for kept in self._kept.values()] + [fd for fd, _ in self._retired]
             self._kept, self._retired = {}, []
         for fd in fds:
             _close(fd)
 
     def after_fork(self) -> None:
-        # The descriptors are the child's too (pread needs no offset of its own); a lock
-        # another thread held at the fork would never be released in the child.
+        # The child's copies of the descriptors would keep the mount busy while the child
+        # lives, and no thread of its own lets them go: closed now, while it has one thread.
+        # A lock another thread held at the fork would never be released in the child.
         self._lock = threading.Lock()
+        self._reaper = None
+        self.close()
+
+    def _let_go(self, fd: int, now: float) -> None:
+        """Point ``fd`` at /dev/null, which frees the mount, and close it RETIRED_FOR later.
+        Called with the lock held."""
+        try:
+            if self._devnull is None:
+                self._devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(self._devnull, fd, inheritable=False)
+        except OSError:
+            pass  # closed RETIRED_FOR later all the same
+        self._retired.append((fd, now))
+        if self._reaper is None:
+            self._start_reaper()
+
+    def _sweep(self, now: float) -> list[int]:
+        """Let go of idle or expired descriptors; the ones due to be closed. With the lock held."""
+        for db, kept in list(self._kept.items()):
+            if now >= kept[1] or now - kept[2] >= IDLE_FOR:
+                del self._kept[db]
+                self._let_go(kept[0], now)
+        closing = []
+        while self._retired and now - self._retired[0][1] >= RETIRED_FOR:
+            closing.append(self._retired.pop(0)[0])
+        return closing
+
+    def _start_reaper(self) -> None:
+        self._reaper = threading.Thread(target=self._reap, name="litefs-pos-descriptors", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            with self._lock:
+                if self._reaper is not threading.current_thread():
+                    return  # forked: the child starts its own
+                if self._kept:
+                    pause = IDLE_FOR
+                elif self._retired:
+                    pause = min(RETIRED_FOR, max(IDLE_FOR, self._retired[0][1] + RETIRED_FOR - self.clock()))
+                else:
+                    self._reaper = None  # under the lock: the next descriptor kept starts another
+                    return
+            time.sleep(pause)
+            self.release_idle()
 
     def _report(self, level: int, name: str, problem: object, message: str, *args: object) -> None:
         """Log a bad control file once per distinct problem, not on every read."""
@@ -222,25 +284,29 @@ class Node:
         return value
 
     def _pread(self, db: str, path: str) -> bytes | None:
-        """``_read(path)`` through a descriptor kept for KEEP_FOR."""
+        """``_read(path)`` through a descriptor kept for KEEP_FOR, or less while idle."""
         kept = self._kept.get(db)
-        if kept is not None and self.clock() < kept[1]:  # a deadline: one comparison per write
-            try:
-                return os.pread(kept[0], _MAX_CONTROL_FILE, 0)
-            except OSError:
-                pass  # the mount went away (ENOTCONN): opening again says why
+        if kept is not None:
+            now = self.clock()
+            if now < kept[1]:  # a deadline: one comparison per write
+                kept[2] = now
+                try:
+                    data = os.pread(kept[0], _MAX_CONTROL_FILE, 0)
+                except OSError:
+                    data = b""  # the mount went away (ENOTCONN): opening again says why
+                if data:
+                    return data  # else let go meanwhile (/dev/null reads nothing): open it
         with self._lock:
             if not self.keep_open:
                 return _read(path)  # turned off while this thread waited for the lock
             now = self.clock()
             current = self._kept.get(db)
             if current is not None and current is not kept and now < current[1]:
-                return os.pread(current[0], _MAX_CONTROL_FILE, 0)  # another thread opened it
+                current[2] = now  # another thread opened it, and it cannot be let go meanwhile
+                return os.pread(current[0], _MAX_CONTROL_FILE, 0)
             if current is not None:
                 del self._kept[db]
-                self._retired.append((current[0], now))
-            while self._retired and now - self._retired[0][1] >= RETIRED_FOR:
-                _close(self._retired.pop(0)[0])
+                self._let_go(current[0], now)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except (FileNotFoundError, NotADirectoryError):
@@ -250,7 +316,9 @@ class Node:
             except OSError:
                 _close(fd)
                 raise
-            self._kept[db] = (fd, now + KEEP_FOR)
+            self._kept[db] = [fd, now + KEEP_FOR, now]
+            if self._reaper is None:
+                self._start_reaper()
             return data
 
     def role(self) -> tuple[bool, str | None]:

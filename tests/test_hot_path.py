@@ -20,7 +20,7 @@ from werkzeug.test import Client
 import litefs_wsgi.node as node_module
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.cookie import cookie_value
-from litefs_wsgi.node import KEEP_FOR, RETIRED_FOR, Node
+from litefs_wsgi.node import IDLE_FOR, KEEP_FOR, RETIRED_FOR, Node
 from litefs_wsgi.txid import Pos, format_pos
 from litefs_wsgi.watcher import STATE_TTL
 
@@ -343,27 +343,84 @@ def open_descriptors(path: str) -> int:
     return count
 
 
+def points_at_devnull(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == os.devnull
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
-def test_kept_descriptors_serve_for_keep_for_and_are_closed_after_retired_for(mount):
-    # What a process under LiteFS's exec: does (tests/test_litefs.py runs it there for real).
+def test_kept_descriptors_serve_for_keep_for_are_let_go_when_idle_and_closed_after_retired_for(mount):
+    # What a process on LiteFS's mount does (tests/test_litefs.py runs it there for real).
     node = Node(mount.path, keep_open=True)
     clock = node.clock = Clock()
     pos = os.path.join(mount.path, "app.db-pos")
     mount.set_position("app.db", 5)
     assert node.txid("app.db") == 5
     assert open_descriptors(pos) == 1
+    first = node._kept["app.db"][0]
     with open(pos, "r+b") as f:  # LiteFS changes the file it serves, not another one
         f.write(format_pos(Pos(6, 6)))
+    clock.advance(IDLE_FOR / 2)
     assert node.txid("app.db") == 6  # through the kept descriptor, at once
     mount.set_position("app.db", 7)  # a new file in its place: a database dropped and made again
     clock.advance(KEEP_FOR)
     assert node.txid("app.db") == 7  # opened again after KEEP_FOR
-    assert open_descriptors(pos) == 2  # the one replaced stays open: a thread may be reading it
+    assert open_descriptors(pos) == 1  # the one replaced no longer holds the mount...
+    assert points_at_devnull(first)  # ...but its number stays taken: a thread may be about to read it
+    second = node._kept["app.db"][0]
+    clock.advance(IDLE_FOR)
+    assert node.release_idle() is True  # what the node's thread does: idle, let go
+    assert open_descriptors(pos) == 0 and points_at_devnull(second)
+    assert node.txid("app.db") == 7  # the next write opens it again
+    third = node._kept["app.db"][0]
     clock.advance(RETIRED_FOR)
-    assert node.txid("app.db") == 7
-    assert open_descriptors(pos) == 2  # the first closed, RETIRED_FOR after it was replaced
+    node.release_idle()
+    assert [fd for fd, _ in node._retired] == [third]  # the first two closed, the third let go now
+    assert not points_at_devnull(first) and not points_at_devnull(second)
     node.close()
     assert open_descriptors(pos) == 0
+
+
+def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount):
+    # A thread that looked the kept descriptor up just before it was let go reads /dev/null
+    # through it: it opens the file instead, and never takes that for a missing position.
+    node = Node(mount.path, keep_open=True)
+    clock = node.clock = Clock()
+    mount.set_position("app.db", 5)
+    assert node.txid("app.db") == 5
+    stale = node._kept["app.db"]
+    clock.advance(IDLE_FOR)
+    node.release_idle()
+    assert points_at_devnull(stale[0])
+    stale[1] = clock.now + KEEP_FOR  # as the thread saw it: still serving
+    node._kept["app.db"] = stale
+    mount.set_position("app.db", 6)
+    assert node.txid("app.db") == 6
+    assert node._kept["app.db"] is not stale
+    node.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
+    # The node's own thread lets go of a descriptor unused for IDLE_FOR, closes it
+    # RETIRED_FOR later, and then ends: on the real clock, observed, not slept for.
+    monkeypatch.setattr(node_module, "RETIRED_FOR", 0.05)
+    node = Node(mount.path, keep_open=True)
+    pos = os.path.join(mount.path, "app.db-pos")
+    mount.set_position("app.db", 5)
+    assert node.txid("app.db") == 5
+    fd = node._kept["app.db"][0]
+    assert node._reaper is not None
+    deadline = time.monotonic() + 10
+    while (open_descriptors(pos) or node._reaper is not None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert open_descriptors(pos) == 0
+    assert not node._kept and not node._retired and not points_at_devnull(fd)
+    assert node._reaper is None  # no thread left behind
+    assert node.txid("app.db") == 5 and open_descriptors(pos) == 1  # kept again on the next read
+    node.close()
 
 
 def test_a_kept_descriptor_is_never_kept_for_a_database_not_made_yet(mount):
@@ -375,18 +432,18 @@ def test_a_kept_descriptor_is_never_kept_for_a_database_not_made_yet(mount):
     node.close()
 
 
-def test_outside_litefs_exec_no_descriptor_is_kept(mount):
+def test_on_a_directory_laid_out_like_a_mount_no_descriptor_is_kept(mount):
     node = Node(mount.path)
-    assert node.keep_open is False  # pytest has no `litefs mount` among its ancestors
+    # Not LiteFS's mount, and pytest has no `litefs mount` among its ancestors: its files
+    # may be replaced by rename (litefs_wsgi.testing, the demo), so each read opens them.
+    assert node.keep_open is False
     mount.set_position("app.db", 3)
     assert node.txid("app.db") == 3
     assert open_descriptors(os.path.join(mount.path, "app.db-pos")) == 0
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
-def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets_its_position(mount, monkeypatch):
-    # For an app beside LiteFS that stops before it (its own open SQLite connections keep
-    # LiteFS from unmounting all the same): writes read -pos with one pread.
+def test_keep_pos_open_keeps_the_descriptor_and_a_write_still_gets_its_position(mount, monkeypatch):
     monkeypatch.setattr(node_module, "RETIRED_FOR", 0.05)
     pos = os.path.join(mount.path, "app.db-pos")
     mount.set_position("app.db", 5)
@@ -398,6 +455,7 @@ def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets
 
     client, middleware, _ = setup(mount, writes, keep_pos_open=True)
     node = middleware.watcher.node
+    node.clock = middleware.watcher.clock  # never idle unless moved: the real thread lets nothing go
     assert node.keep_open is True
     assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
     assert open_descriptors(pos) == 1  # kept
@@ -406,12 +464,14 @@ def test_keep_pos_open_keeps_the_descriptor_beside_litefs_and_a_write_still_gets
     assert node.txid("app.db") == 7
     assert open_descriptors(pos) == 1  # the same descriptor
     node.set_keep_open(False)
+    assert open_descriptors(pos) == 0  # let go at once
     assert client.post("/").headers["Set-Cookie"].startswith("__txid=0000000000000006;")
     assert not node._kept  # opened for the read, none kept
     deadline = time.monotonic() + 10
-    while open_descriptors(pos) and time.monotonic() < deadline:  # closed RETIRED_FOR later
+    node.clock = time.monotonic
+    while node._retired and time.monotonic() < deadline:  # closed RETIRED_FOR later
         time.sleep(0.01)
-    assert open_descriptors(pos) == 0
+    assert not node._retired
 
 
 def test_keep_pos_open_left_on_auto_changes_nothing(mount):

@@ -20,11 +20,10 @@ from http.cookies import SimpleCookie
 
 import pytest
 import yaml
-from litefs_cluster import LiteFSNode, mounted, wait_for
+from litefs_cluster import LiteFSNode, create_schema, mounted, wait_for
 from servers import form_request, recording_app
 from werkzeug.test import Client
 
-import litefs_wsgi.node as node_module
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.node import Node, litefs_mounts, mount_problem
 from litefs_wsgi.watcher import Watcher
@@ -223,9 +222,12 @@ def test_under_litefs_exec_positions_are_read_through_kept_descriptors_and_litef
         node.close()
 
 
-def test_keep_pos_open_beside_litefs_gives_each_write_its_commit_through_a_kept_descriptor(litefs, monkeypatch):
-    monkeypatch.setattr(node_module, "RETIRED_FOR", 0.05)
-    mount_dir = str(litefs.primary.fuse_dir)
+def test_beside_litefs_writes_read_their_commit_through_a_kept_descriptor_and_litefs_still_unmounts(tmp_path):
+    # By default, on LiteFS's mount: one pread per write. The descriptor is let go once the
+    # app has been idle for IDLE_FOR, so LiteFS, stopped then, unmounts by itself (exit 0).
+    node = LiteFSNode(tmp_path, "solo")
+    node.configure(node)
+    mount_dir = str(node.fuse_dir)
     pos = os.path.realpath(os.path.join(mount_dir, "app.db-pos"))
 
     def kept() -> int:
@@ -238,21 +240,29 @@ def test_keep_pos_open_beside_litefs_gives_each_write_its_commit_through_a_kept_
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 
-    middleware = LiteFSMiddleware(inserts, db="app.db", mount_dir=mount_dir, forward="http", keep_pos_open=True)
-    client = Client(middleware, use_cookies=False)
     try:
+        node.start()
+        node.wait_ready(node)
+        create_schema(node)
+        middleware = LiteFSMiddleware(inserts, db="app.db", mount_dir=mount_dir, forward="http")
+        assert middleware.watcher.node.keep_open is True  # LiteFS's own mount
+        client = Client(middleware, use_cookies=False)
         for _ in range(5):
             cookie = SimpleCookie(client.post("/").headers["Set-Cookie"])
-            assert int(cookie["__txid"].value, 16) == litefs.primary.pos()  # the commit's, never the one before
-            assert kept() >= 1  # one, and the one it replaced if KEEP_FOR passed meanwhile
+            assert int(cookie["__txid"].value, 16) == node.pos()  # the commit's, never the one before
+            assert kept() == 1
+        wait_for(lambda: kept() == 0, 10, "the idle descriptor let go")
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(30) == 0, node.log_tail()
+        assert not mounted(node.fuse_dir)  # by LiteFS itself: nothing here unmounted it
     finally:
-        middleware.watcher.node.set_keep_open(False)  # the cluster's LiteFS must still unmount at the end
-    wait_for(lambda: kept() == 0, 10, "the kept descriptors closed")
+        node.close()
 
 
-def test_a_process_beside_litefs_opens_the_position_file_for_each_read(litefs):
-    node = Node(str(litefs.primary.fuse_dir))
-    assert node.keep_open is False  # pytest is no child of `litefs mount`
+def test_keep_pos_open_false_opens_the_position_file_for_each_read(litefs):
+    mount_dir = str(litefs.primary.fuse_dir)
+    node = Node(mount_dir, keep_open=False)
+    assert Node(mount_dir).keep_open is True  # what it is by default here
     assert node.txid("app.db") == litefs.primary.pos()
     pos = os.path.realpath(litefs.primary.fuse_dir / "app.db-pos")
     assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == pos]
