@@ -25,7 +25,9 @@ processes, gunicorn's master and worker, read from /proc around each run; for th
 own, not the app's behind it): what a request costs there, which moves less than its
 throughput on a machine where wrk, the servers and the app wait for the same two cores.
 ``--app wsgi`` uses a plain WSGI callable instead of Flask, so that the middleware's share is
-not hidden by Flask's own cost.
+not hidden by Flask's own cost. ``--keep-open`` has the wrapped apps read ``-pos`` through kept
+descriptors (``keep_pos_open``), as they do by default on LiteFS's own mount; without it they
+open the file for each read, as on the directories laid out like a mount used here.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def bare():
 def wrapped():
     from litefs_wsgi import LiteFSMiddleware
 
-    return LiteFSMiddleware(_app(), db="app.db", mount_dir=os.environ["BENCH_MOUNT"], forward="http")
+    keep = {"keep_pos_open": True} if os.environ.get("BENCH_KEEP_OPEN") == "1" else {}
+    return LiteFSMiddleware(_app(), db="app.db", mount_dir=os.environ["BENCH_MOUNT"], forward="http", **keep)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=2, help="wrk's duration per run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--app", choices=["flask", "wsgi"], default="flask")
+    parser.add_argument("--keep-open", action="store_true", help="the wrapped apps read -pos through kept descriptors")
     parser.add_argument(
         "--only", choices=["bare", "primary", "replica", "proxy"], nargs="+", help="run only these setups' cases"
     )
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         here = os.path.dirname(os.path.abspath(__file__))
         ports = {name: common.free_port() for name in ("bare", "primary", "replica", "proxy")}
         env = {"BENCH_APP": args.app, "PYTHONPATH": os.pathsep.join([here, common.ROOT])}
+        env["BENCH_KEEP_OPEN"] = "1" if args.keep_open else "0"
         masters = {}
         for name, mount, entry in (
             ("bare", primary, "bare()"),
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_ratios[(name, baseline)].append((runs[0][1] + runs[3][1]) / (runs[1][1] + runs[2][1]))
     print(
         f"{args.app} app under gunicorn gthread 1x8, wrk -t2 -c{args.connections} -d{args.seconds}s, "
-        f"{args.rounds} rounds, each case beside its baseline (baseline, case, case, baseline)"
+        f"{args.rounds} rounds, each case beside its baseline (baseline, case, case, baseline), "
+        f"-pos {'kept open' if args.keep_open else 'opened for each read'}"
     )
     header = f"{'case':<32} {'req/s':>8} {'ratio':>6}  {'rounds':>9}  {'CPU':>5}  to"
     print(header)
