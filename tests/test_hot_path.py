@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.cookie import cookie_value
 from litefs_wsgi.node import IDLE_FOR, KEEP_FOR, RETIRED_FOR, Node
 from litefs_wsgi.txid import Pos, format_pos
-from litefs_wsgi.watcher import STATE_TTL
+from litefs_wsgi.watcher import STATE_TTL, get_watcher
 
 
 class Clock:
@@ -480,4 +481,33 @@ def test_keep_pos_open_left_on_auto_changes_nothing(mount):
     node.keep_open = True
     assert LiteFSMiddleware(app, db="app.db", mount_dir=mount.path).watcher.node is node  # one per mount
     assert node.keep_open is True
+    node.set_keep_open(False)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_forked_child_closes_the_descriptors_it_inherited(mount):
+    # Its copies would keep the mount busy for as long as it lives, and the parent's thread
+    # cannot let them go: the child closes them at the fork; the parent's stay kept.
+    mount.set_position("app.db", 4)
+    node = get_watcher(mount.path, 0.001).node
+    node.set_keep_open(True)
+    assert node.txid("app.db") == 4
+    fd = node._kept["app.db"][0]
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            closed = not node._kept and not os.path.exists(f"/proc/self/fd/{fd}")
+            code = 0 if closed and node.txid("app.db") == 4 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not done[0]:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid, "the child hung"
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert node._kept["app.db"][0] == fd and os.path.exists(f"/proc/self/fd/{fd}")
     node.set_keep_open(False)
