@@ -2,10 +2,10 @@
 
 Run: ``python bench/splice.py`` (about a minute; needs ``wrk``). Everything on 127.0.0.1: the
 app of bench/proxy_rps.py (1 worker x 8 threads) and two standalone proxies in front of it as
-``gunicorn -c gunicorn.conf.py`` gives them (2 workers x 32 threads): one as shipped, whose
-64 MiB answers go by splice(2), and one with the splice turned off (``_SPLICE = False`` set by
-a ``sitecustomize`` on its ``PYTHONPATH``), whose answers are copied through Python and gunicorn
-as smaller ones are. wrk downloads 64 MiB answers at 4 connections from each in turn,
+``gunicorn -c gunicorn.conf.py`` gives them (2 workers x 32 threads): one with ``splice:
+always``, whose 64 MiB answers go by splice(2), and one with ``splice: never``, whose answers
+are copied through Python and gunicorn as smaller ones are (as the default, ``remote``, does for
+this client on 127.0.0.1). wrk downloads 64 MiB answers at 4 connections from each in turn,
 alternating rounds. Printed, medians over rounds: the throughput, and the CPU time per GiB
 moved of each party: the proxy's workers and the app's (from /proc), wrk's (its rusage), and
 the whole machine's (from /proc/stat). On loopback the client shares the proxy's cores, so a
@@ -61,14 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         mount = LiteFSMount(os.path.join(tmp, "mount"))
         mount.make_primary()
         mount.set_position("app.db", 1)
-        no_splice, marker = os.path.join(tmp, "no_splice"), os.path.join(tmp, "splice-off")
-        os.mkdir(no_splice)
-        with open(os.path.join(no_splice, "sitecustomize.py"), "w") as f:
-            # The marker says it ran: a sitecustomize that fails only prints to stderr.
-            f.write(
-                "import litefs_wsgi.forwarding\n\nlitefs_wsgi.forwarding._SPLICE = False\n"
-                f"open({marker!r}, 'w').close()\n"
-            )
         log = open(os.path.join(tmp, "servers.log"), "w")  # closed by the stack, before the directory goes
         stack.callback(log.close)
         app_port = common.free_port()
@@ -79,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         proxies = {}
         for name in SETUPS:
             port = common.free_port()
-            env = {"LITEFS_WSGI_CONFIG": config, "PYTHONPATH": os.pathsep.join([no_splice, common.ROOT])}
-            if name == "spliced":
-                env["PYTHONPATH"] = common.ROOT
+            # splice: always splices to this loopback client too; never (as the default,
+            # remote, does on loopback) copies through gunicorn as smaller answers are.
+            env = {"LITEFS_WSGI_CONFIG": config, "LITEFS_PROXY_SPLICE": "always" if name == "spliced" else "never"}
             conf = os.path.join(common.ROOT, "gunicorn.conf.py")
             proxies[name] = (stack.enter_context(common.gunicorn(["-c", conf], port, env, stderr=log)), port)
-        if not os.path.exists(marker):
-            raise SystemExit(f"the copied proxy did not turn the splice off; its log: {log.name}")
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in SETUPS}
         for index in range(args.rounds + 1):  # the first round warms up and is not counted
             for name in SETUPS if index % 2 else reversed(SETUPS):

@@ -119,6 +119,12 @@ def _forward(value: Any, name: str) -> str:
     return value
 
 
+def _splice(value: Any, name: str) -> str:
+    if value not in ("remote", "always", "never"):
+        raise ConfigError(f"{name}: expected 'remote', 'always' or 'never', got {value!r}")
+    return value
+
+
 def _url(value: Any, name: str, *, template: bool = False, given: str | None = None) -> str:
     """Check an http(s) URL (``given``: the value as the user wrote it, for the message)."""
     text = _str(value, name)
@@ -300,6 +306,12 @@ class Config:
         check=_optional_bool,
         doc="read DB-pos through a descriptor kept open (one pread per write) instead of opening it each time, "
         "let go after 0.1 s without a read; default (auto): on LiteFS's own mount and under its exec:",
+    )
+    splice: str = _field(
+        "remote",
+        check=_splice,
+        doc="standalone proxy: answers of 256 KiB and more go to the client by splice(2), without a copy "
+        "through Python: 'remote' (to a client on another host only), 'always' or 'never'",
     )
 
     def __post_init__(self) -> None:

@@ -168,7 +168,7 @@ class LiteFSMiddleware:
             enable_debug_log()
         if config.require_mount:
             self.watcher.require_mount = True  # is_primary() and role() too say "not the primary"
-        if config.keep_pos_open is not None:  # else as the mount's Node chose: under LiteFS's exec: only
+        if config.keep_pos_open is not None:  # else as the mount's Node chose (on LiteFS's mount, kept)
             self.watcher.node.set_keep_open(config.keep_pos_open)
         problem = mount_problem(config.mount_dir)
         if problem is not None:

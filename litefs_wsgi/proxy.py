@@ -78,7 +78,7 @@ def make_application(config: Config | None = None, pool_size: int | None = None)
         )
     if pool_size is None:
         pool_size = int(os.environ.get("LITEFS_WSGI_POOL_SIZE") or 10)
-    forwarder = Forwarder(config.connect_timeout, config.read_timeout, pool_size, splice=True)
+    forwarder = Forwarder(config.connect_timeout, config.read_timeout, pool_size, splice=config.splice)
     middleware = LiteFSMiddleware(
         TargetApp(config.target, forwarder, config.websocket_idle_timeout), config, forwarder=forwarder
     )

@@ -55,7 +55,8 @@ def test_defaults_are_litefs_defaults():
     assert config.metrics_path is None
     assert config.txid_header is None
     assert config.replay_on_readonly is True
-    assert config.keep_pos_open is None  # auto: kept open only under LiteFS's exec:
+    assert config.keep_pos_open is None  # auto: kept open on LiteFS's mount and under its exec:
+    assert config.splice == "remote"  # ours: to clients on another host only
 
 
 def test_every_option_is_tested_above():
@@ -65,7 +66,7 @@ def test_every_option_is_tested_above():
         "primary_redirect_timeout", "poll_interval", "poll_timeout", "cookie_expiry",
         "connect_timeout", "read_timeout", "websocket_idle_timeout", "debug", "forward",
         "primary_url", "cookie_secret", "api_url", "max_waiters", "require_mount",
-        "metrics_path", "txid_header", "replay_on_readonly", "keep_pos_open",
+        "metrics_path", "txid_header", "replay_on_readonly", "keep_pos_open", "splice",
     }  # fmt: skip
 
 
@@ -188,6 +189,8 @@ def test_poll_interval_zero_is_an_error():
         ({"txid_header": "Cookie"}, "txid_header"),
         ({"replay_on_readonly": "sometimes"}, "replay_on_readonly"),
         ({"keep_pos_open": "always"}, "keep_pos_open"),
+        ({"splice": True}, "splice"),
+        ({"splice": "sometimes"}, "splice"),
     ],
 )
 def test_bad_values_are_errors_naming_the_option(options, name):
@@ -454,3 +457,10 @@ def test_middleware_reads_litefs_wsgi_config(tmp_path, monkeypatch):
 def test_middleware_refuses_config_and_options():
     with pytest.raises(TypeError):
         LiteFSMiddleware(app, Config(db="app.db"), db="app.db")
+
+
+def test_splice_from_the_file_and_the_environment(tmp_path):
+    path = tmp_path / "litefs.yml"
+    path.write_text("proxy:\n  db: app.db\n  splice: never\n")
+    assert Config.load(env={"LITEFS_WSGI_CONFIG": str(path)}).splice == "never"
+    assert Config.load(env={"LITEFS_PROXY_DB": "app.db", "LITEFS_PROXY_SPLICE": "always"}).splice == "always"

@@ -16,6 +16,7 @@ import select
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -778,3 +779,90 @@ def test_codings_of_a_chunked_body_keep_their_order():
     assert forwarding.request_headers(environ, chunked=True)["Transfer-Encoding"] == "gzip, br, chunked"
     environ["HTTP_TRANSFER_ENCODING"] = "br,gzip , chunked"
     assert forwarding.request_headers(environ, chunked=True)["Transfer-Encoding"] == "br, gzip, chunked"
+
+
+def test_a_client_on_this_host_is_told_apart(tmp_path):
+    # What splice="remote" (the standalone proxy's default) asks before splicing: a client
+    # on this host reads the spliced pages on the same cores, so its answer is copied.
+    with server_socket() as (server, _, _):
+        assert forwarding.on_this_host(server)  # 127.0.0.1
+    own = socket.gethostbyname(socket.gethostname())
+    if not own.startswith("127."):
+        listener = socket.create_server((own, 0))
+        with listener, socket.create_connection(listener.getsockname(), timeout=5):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert forwarding.on_this_host(accepted)  # this host's own address, not loopback
+    left, right = socket.socketpair()
+    with left, right:
+        assert forwarding.on_this_host(left)  # a Unix socket
+
+
+def test_splice_remote_copies_to_a_client_on_this_host(upstream_factory):
+    size = forwarding.SPLICE_MIN * 2
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size
+    upstream = upstream_factory(lambda request, n: big)
+    with server_socket() as (client, received, _):
+        _, items = spliced_forward(Forwarder(5, 10, splice="remote"), upstream.url, client)
+    assert len(b"".join(items)) == size and not received  # through the server, not spliced
+
+
+@contextlib.contextmanager
+def other_host() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair, as another host on a network:
+    (its name, this side's address, its address). Needs root and ``ip``."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and ip(8) for a network namespace")
+    tag = f"lfw{os.getpid() % 100000}"
+    octet = os.getpid() % 250 + 1
+    mine, theirs = f"10.231.{octet}.1", f"10.231.{octet}.2"
+    steps = [
+        ["ip", "netns", "add", tag],
+        ["ip", "link", "add", f"{tag}a", "type", "veth", "peer", "name", f"{tag}b"],
+        ["ip", "link", "set", f"{tag}b", "netns", tag],
+        ["ip", "addr", "add", f"{mine}/30", "dev", f"{tag}a"],
+        ["ip", "link", "set", f"{tag}a", "up"],
+        ["ip", "netns", "exec", tag, "ip", "addr", "add", f"{theirs}/30", "dev", f"{tag}b"],
+        ["ip", "netns", "exec", tag, "ip", "link", "set", f"{tag}b", "up"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=10)
+            if done.returncode:
+                pytest.skip(f"no network namespace here: {' '.join(step)}: {done.stderr.strip()}")
+        yield tag, mine, theirs
+    finally:
+        subprocess.run(["ip", "link", "del", f"{tag}a"], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", tag], capture_output=True, timeout=10)
+
+
+def test_splice_remote_splices_to_a_client_on_another_host(upstream_factory):
+    size = 3 * forwarding.SPLICE_MIN + 7
+    body = bytes(range(256)) * (size // 256) + b"tail..."
+    upstream = upstream_factory(lambda request, n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
+    with other_host() as (namespace, mine, theirs):
+        listener = socket.create_server((mine, 0))
+        reader = (
+            "import socket, sys\n"
+            f"s = socket.create_connection(({mine!r}, {listener.getsockname()[1]}), timeout=20)\n"
+            "got = bytearray()\n"
+            "while data := s.recv(1 << 20):\n"
+            "    got.extend(data)\n"
+            "sys.stdout.buffer.write(got)\n"
+        )
+        with (
+            listener,
+            subprocess.Popen(
+                ["ip", "netns", "exec", namespace, sys.executable, "-c", reader], stdout=subprocess.PIPE
+            ) as client_process,
+        ):
+            listener.settimeout(20)
+            server, (peer, _) = listener.accept()
+            with server:
+                server.settimeout(None)  # as gunicorn's gthread worker leaves it
+                assert peer == theirs and not forwarding.on_this_host(server)
+                _, items = spliced_forward(Forwarder(5, 10, splice="remote"), upstream.url, server)
+                server.shutdown(socket.SHUT_WR)
+            received = client_process.communicate(timeout=30)[0]
+    assert len(items) == 1 and len(items[0]) < size  # the rest went by splice(2)
+    assert received == body[len(items[0]) :]

@@ -50,6 +50,20 @@ def proxy(mount, target, tmp_path_factory):
         yield urlsplit(url).port
 
 
+@pytest.fixture(scope="module")
+def spliced_proxy(mount, target, tmp_path_factory):
+    config = proxy_config(tmp_path_factory.mktemp("conf"), mount, f"127.0.0.1:{target.port}", splice="always")
+    with standalone_proxy(config, threads=8) as url:
+        yield urlsplit(url).port
+
+
+@pytest.fixture(params=["copied", "spliced"])
+def large_proxy(request):
+    """The proxy as large answers leave it: to a client on 127.0.0.1 copied through gunicorn
+    (``splice: remote``, the default), or by splice(2) (``splice: always``)."""
+    return request.getfixturevalue("proxy" if request.param == "copied" else "spliced_proxy")
+
+
 def report(port, method="POST", target="/echo", **kwargs) -> dict:
     status, _, body = request(port, method, target, **kwargs)
     assert status == 200, body
@@ -83,11 +97,12 @@ def test_download_streams_every_byte(proxy):
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-def test_large_downloads_on_one_kept_alive_connection_stay_in_step(proxy, framing):
-    # With a Content-Length, bodies this large go from the target's socket to the client's by
-    # splice(2), behind gunicorn: each must end exactly where it says, on both connections.
+def test_large_downloads_on_one_kept_alive_connection_stay_in_step(large_proxy, framing):
+    # Bodies this large are copied through gunicorn or, with a Content-Length and splice:
+    # always, go from the target's socket to the client's by splice(2): each must end exactly
+    # where it says, on both connections.
     query = "&length=1" if framing == "length" else ""
-    conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", large_proxy, timeout=30)
     try:
         for size in (3 * MB + 1, 1 * MB, 2 * MB + 5):
             conn.request("GET", f"/download?size={size}{query}")
@@ -102,10 +117,12 @@ def test_large_downloads_on_one_kept_alive_connection_stay_in_step(proxy, framin
         conn.close()
 
 
-def test_clients_leaving_mid_download_free_the_workers_threads(proxy):
+def test_clients_leaving_mid_download_free_the_workers_threads(large_proxy):
     # More clients than the worker has threads each leave a large download part way (a reset,
-    # as a killed browser): each thread must end its copy (splice(2) to the client's socket
-    # fails) and serve again, and the target's connection must be dropped, not reused mid-body.
+    # as a killed browser): each thread must end its copy (its send, or splice(2), to the
+    # client's socket fails) and serve again, and the target's connection must be dropped, not
+    # reused mid-body.
+    proxy = large_proxy
     for _ in range(10):
         with socket.create_connection(("127.0.0.1", proxy), timeout=30) as sock:
             sock.sendall(b"GET /download?size=%d&length=1 HTTP/1.1\r\nHost: x\r\n\r\n" % (64 * MB))
