@@ -42,6 +42,8 @@ _MAX_CONTROL_FILE = 320
 KEEP_FOR = 1.0  # seconds one kept descriptor serves: a dropped and re-created database is seen within it
 IDLE_FOR = 0.1  # a kept descriptor that served no read this long is let go: the mount is free to unmount
 RETIRED_FOR = 10.0  # a descriptor let go is closed this much later, when no thread can still be reading it
+# (a bound in time: a thread frozen longer than that between its look-up and its pread, by
+# SIGSTOP say, could read a number used again meanwhile; a socket's fails with ESPIPE.)
 
 
 def valid_hostname(name: str) -> bool:
@@ -169,6 +171,7 @@ class Node:
         self._retired: list[tuple[int, float]] = []  # (descriptor let go, when)
         self._devnull: int | None = None  # what a descriptor let go points at until closed
         self._reaper: threading.Thread | None = None
+        self._wake = threading.Event()  # a descriptor kept: the reaper, asleep, looks again
         self._lock = threading.Lock()
 
     def set_keep_open(self, keep_open: bool) -> None:
@@ -194,20 +197,26 @@ class Node:
         return held
 
     def close(self) -> None:
-        """Close the kept descriptors and those let go: no thread may be reading them."""
+        """Let go of the kept descriptors now, which frees the mount; they are closed
+        RETIRED_FOR later, since a request still running may be about to read one."""
         with self._lock:
-            fds = [kept[0] for kept in self._kept.values()] + [fd for fd, _ in self._retired]
-            self._kept, self._retired = {}, []
-        for fd in fds:
-            _close(fd)
+            now = self.clock()
+            for kept in self._kept.values():
+                self._let_go(kept[0], now)
+            self._kept = {}
 
     def after_fork(self) -> None:
         # The child's copies of the descriptors would keep the mount busy while the child
-        # lives, and no thread of its own lets them go: closed now, while it has one thread.
-        # A lock another thread held at the fork would never be released in the child.
+        # lives, and no thread of its own lets them go: closed now, while it has one thread
+        # (watcher.py holds this lock across the fork, so none was half kept or let go). A
+        # lock held at the fork would never be released in the child: a new one.
         self._lock = threading.Lock()
         self._reaper = None
-        self.close()
+        self._wake = threading.Event()
+        fds = [kept[0] for kept in self._kept.values()] + [fd for fd, _ in self._retired]
+        self._kept, self._retired = {}, []
+        for fd in fds:
+            _close(fd)
 
     def _let_go(self, fd: int, now: float) -> None:
         """Point ``fd`` at /dev/null, which frees the mount, and close it RETIRED_FOR later.
@@ -234,8 +243,13 @@ class Node:
         return closing
 
     def _start_reaper(self) -> None:
-        self._reaper = threading.Thread(target=self._reap, name="litefs-pos-descriptors", daemon=True)
-        self._reaper.start()
+        # With the lock held: the thread's first step waits for it, so it finds itself named.
+        thread = threading.Thread(target=self._reap, name="litefs-pos-descriptors", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (the interpreter exiting): tried again next time
+            return
+        self._reaper = thread
 
     def _reap(self) -> None:
         while True:
@@ -249,7 +263,8 @@ class Node:
                 else:
                     self._reaper = None  # under the lock: the next descriptor kept starts another
                     return
-            time.sleep(pause)
+            self._wake.wait(pause)
+            self._wake.clear()
             self.release_idle()
 
     def _report(self, level: int, name: str, problem: object, message: str, *args: object) -> None:
@@ -319,6 +334,8 @@ class Node:
             self._kept[db] = [fd, now + KEEP_FOR, now]
             if self._reaper is None:
                 self._start_reaper()
+            else:
+                self._wake.set()  # it may be asleep until a descriptor let go is due, seconds away
             return data
 
     def role(self) -> tuple[bool, str | None]:

@@ -314,6 +314,20 @@ _watchers: dict[tuple, Watcher] = {}
 _watchers_lock = threading.Lock()
 
 
+def _before_fork() -> None:
+    # Each node's lock is held across the fork: a descriptor another thread is keeping or
+    # letting go at that moment is then in the node's lists, which the child closes.
+    _watchers_lock.acquire()
+    for watcher in _watchers.values():
+        watcher.node._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for watcher in _watchers.values():
+        watcher.node._lock.release()
+    _watchers_lock.release()
+
+
 def _after_fork_in_child() -> None:
     global _watchers_lock
     _watchers_lock = threading.Lock()
@@ -322,7 +336,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def get_watcher(mount_dir: str, poll_interval: float, api_url: str | None = None, max_waiters: int = 0) -> Watcher:

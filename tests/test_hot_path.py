@@ -344,6 +344,12 @@ def open_descriptors(path: str) -> int:
     return count
 
 
+@pytest.fixture
+def no_reaper(monkeypatch):
+    """No thread of the node's own: on a clock moved by hand, the test alone lets go and closes."""
+    monkeypatch.setattr(Node, "_start_reaper", lambda self: None)
+
+
 def points_at_devnull(fd: int) -> bool:
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == os.devnull
@@ -352,7 +358,7 @@ def points_at_devnull(fd: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
-def test_kept_descriptors_serve_for_keep_for_are_let_go_when_idle_and_closed_after_retired_for(mount):
+def test_kept_descriptors_serve_for_keep_for_are_let_go_when_idle_and_closed_after_retired_for(mount, no_reaper):
     # What a process on LiteFS's mount does (tests/test_litefs.py runs it there for real).
     node = Node(mount.path, keep_open=True)
     clock = node.clock = Clock()
@@ -384,7 +390,7 @@ def test_kept_descriptors_serve_for_keep_for_are_let_go_when_idle_and_closed_aft
     assert open_descriptors(pos) == 0
 
 
-def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount):
+def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount, no_reaper):
     # A thread that looked the kept descriptor up just before it was let go reads /dev/null
     # through it: it opens the file instead, and never takes that for a missing position.
     node = Node(mount.path, keep_open=True)
@@ -397,6 +403,7 @@ def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount):
     assert points_at_devnull(stale[0])
     stale[1] = clock.now + KEEP_FOR  # as the thread saw it: still serving
     node._kept["app.db"] = stale
+    node._retired = [entry for entry in node._retired if entry[0] != stale[0]]  # let go once, below
     mount.set_position("app.db", 6)
     assert node.txid("app.db") == 6
     assert node._kept["app.db"] is not stale
@@ -424,7 +431,23 @@ def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
     node.close()
 
 
-def test_a_kept_descriptor_is_never_kept_for_a_database_not_made_yet(mount):
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_descriptor_kept_while_the_nodes_thread_waits_to_close_others_is_let_go_when_idle(mount):
+    # Its thread, with only descriptors let go, sleeps until the first is due (RETIRED_FOR,
+    # 10 s): a descriptor kept meanwhile wakes it, and is let go once idle, not seconds later.
+    node = Node(mount.path, keep_open=True)
+    pos = os.path.join(mount.path, "app.db-pos")
+    mount.set_position("app.db", 5)
+    for _ in range(2):
+        assert node.txid("app.db") == 5 and open_descriptors(pos) == 1
+        started = time.monotonic()
+        while open_descriptors(pos) and time.monotonic() - started < RETIRED_FOR / 2:
+            time.sleep(0.01)
+        assert open_descriptors(pos) == 0, "still kept after RETIRED_FOR / 2"
+    node.close()
+
+
+def test_a_kept_descriptor_is_never_kept_for_a_database_not_made_yet(mount, no_reaper):
     node = Node(mount.path, keep_open=True)
     node.clock = Clock()
     assert node.txid("new.db") is None
