@@ -22,6 +22,8 @@ from proxy_target import GZIP_BODY, PATTERN, Target
 from proxy_ws import GREETING, TEXT, Client, echo_server
 from servers import free_port, listening, proxy_config, serve, standalone_proxy, wait_until
 
+from litefs_wsgi.config import Config
+from litefs_wsgi.proxy import make_application
 from litefs_wsgi.testing import LiteFSMount
 
 MB = 1024 * 1024
@@ -302,3 +304,10 @@ def test_serve_answers_502_when_the_target_stays_down(tmp_path, mount):
     assert body == f"Proxy error: connection refused by 127.0.0.1:{target_port}\n".encode()
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
     assert (ws.status, ws.body) == (502, body)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "remote"), ("always", "always"), ("never", "never")])
+def test_the_proxy_splices_as_its_splice_option_says(mount, given, used):
+    options = {} if given is None else {"splice": given}
+    proxy = make_application(Config(db="app.db", mount_dir=mount.path, target="127.0.0.1:1", **options))
+    assert proxy.forwarder.splice == used
