@@ -180,10 +180,7 @@ class Node:
         with self._lock:
             self.keep_open = keep_open
             if not keep_open:
-                now = self.clock()
-                for kept in self._kept.values():
-                    self._let_go(kept[0], now)
-                self._kept = {}
+                self._let_go_all()
 
     def release_idle(self) -> bool:
         """Let go of the descriptors that served no read for IDLE_FOR or were kept past
@@ -200,10 +197,7 @@ class Node:
         """Let go of the kept descriptors now, which frees the mount; they are closed
         RETIRED_FOR later, since a request still running may be about to read one."""
         with self._lock:
-            now = self.clock()
-            for kept in self._kept.values():
-                self._let_go(kept[0], now)
-            self._kept = {}
+            self._let_go_all()
 
     def after_fork(self) -> None:
         # The child's copies of the descriptors would keep the mount busy while the child
@@ -230,6 +224,13 @@ class Node:
         self._retired.append((fd, now))
         if self._reaper is None:
             self._start_reaper()
+
+    def _let_go_all(self) -> None:
+        """Let go of every kept descriptor. With the lock held."""
+        now = self.clock()
+        for kept in self._kept.values():
+            self._let_go(kept[0], now)
+        self._kept = {}
 
     def _sweep(self, now: float) -> list[int]:
         """Let go of idle or expired descriptors; the ones due to be closed. With the lock held."""

@@ -3,7 +3,8 @@
 ``python pos_exec_child.py MOUNT_DIR REPORT``: writes rows into ``MOUNT_DIR/app.db`` and after
 each commit reads its position twice, through a Node left to choose (under LiteFS's exec: it
 keeps descriptors) and by opening the file. Writes what it saw to ``REPORT`` as JSON, then
-waits, its descriptors still open, for LiteFS to stop it (60 s at most).
+waits, its descriptors still open, for LiteFS to stop it (60 s at most): never let go while
+idle here (IDLE_FOR of an hour), so that LiteFS must wait for this process to exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sqlite3
 import sys
 import time
 
+import litefs_wsgi.node as node_module
 from litefs_wsgi.node import Node, _read
 from litefs_wsgi.txid import parse_pos_txid
 
@@ -21,6 +23,7 @@ WRITES = 50
 
 
 def main(mount_dir: str, report: str) -> None:
+    node_module.IDLE_FOR = 3600.0
     node = Node(mount_dir)
     db = sqlite3.connect(os.path.join(mount_dir, "app.db"), isolation_level=None, timeout=10)
     db.executescript("PRAGMA journal_mode = WAL; CREATE TABLE IF NOT EXISTS rows (n INTEGER);")

@@ -24,6 +24,7 @@ from litefs_cluster import LiteFSNode, create_schema, mounted, wait_for
 from servers import form_request, recording_app
 from werkzeug.test import Client
 
+import litefs_wsgi.node as node_module
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.node import Node, litefs_mounts, mount_problem
 from litefs_wsgi.watcher import Watcher
@@ -222,9 +223,13 @@ def test_under_litefs_exec_positions_are_read_through_kept_descriptors_and_litef
         node.close()
 
 
-def test_beside_litefs_writes_read_their_commit_through_a_kept_descriptor_and_litefs_still_unmounts(tmp_path):
+def test_beside_litefs_writes_read_their_commit_through_a_kept_descriptor_and_litefs_still_unmounts(
+    tmp_path, monkeypatch
+):
     # By default, on LiteFS's mount: one pread per write. The descriptor is let go once the
     # app has been idle for IDLE_FOR, so LiteFS, stopped then, unmounts by itself (exit 0).
+    # IDLE_FOR of two seconds: a busy machine's pause between writes is not idleness here.
+    monkeypatch.setattr(node_module, "IDLE_FOR", 2.0)
     node = LiteFSNode(tmp_path, "solo")
     node.configure(node)
     mount_dir = str(node.fuse_dir)
