@@ -410,17 +410,22 @@ def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount, no_rea
     node.close()
 
 
+def real_clock_node(mount, monkeypatch, idle_for: float, retired_for: float) -> tuple[Node, str]:
+    """A node keeping descriptors, with its thread on the real clock and these bounds; app.db
+    at TXID 5. (The node and the path of app.db-pos.)"""
+    monkeypatch.setattr(node_module, "IDLE_FOR", idle_for)
+    monkeypatch.setattr(node_module, "RETIRED_FOR", retired_for)
+    mount.set_position("app.db", 5)
+    return Node(mount.path, keep_open=True), os.path.join(mount.path, "app.db-pos")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
     # The node's own thread lets go of a descriptor unused for IDLE_FOR, closes it
     # RETIRED_FOR later, and then ends: on the real clock, observed, not slept for. IDLE_FOR
     # of a second: a busy machine's pause between a read and the look that follows it is
     # not taken for idleness.
-    monkeypatch.setattr(node_module, "RETIRED_FOR", 0.05)
-    monkeypatch.setattr(node_module, "IDLE_FOR", 1.0)
-    node = Node(mount.path, keep_open=True)
-    pos = os.path.join(mount.path, "app.db-pos")
-    mount.set_position("app.db", 5)
+    node, pos = real_clock_node(mount, monkeypatch, idle_for=1.0, retired_for=0.05)
     assert node.txid("app.db") == 5
     fd = node._kept["app.db"][0]
     assert node._reaper is not None
@@ -439,11 +444,7 @@ def test_a_descriptor_kept_while_the_nodes_thread_waits_to_close_others_is_let_g
     # Its thread, with only descriptors let go, sleeps until the first is due (RETIRED_FOR):
     # a descriptor kept meanwhile wakes it, and is let go once idle (IDLE_FOR), not when the
     # first is due. A second idle, 30 s retired: a busy machine's pauses fit in between.
-    monkeypatch.setattr(node_module, "IDLE_FOR", 1.0)
-    monkeypatch.setattr(node_module, "RETIRED_FOR", 30.0)
-    node = Node(mount.path, keep_open=True)
-    pos = os.path.join(mount.path, "app.db-pos")
-    mount.set_position("app.db", 5)
+    node, pos = real_clock_node(mount, monkeypatch, idle_for=1.0, retired_for=30.0)
     for _ in range(2):
         assert node.txid("app.db") == 5 and open_descriptors(pos) == 1
         started = time.monotonic()
