@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from .config import Config, ConfigError
-from .middleware import LiteFSMiddleware, ReplayOnPrimary
+from .middleware import LiteFSMiddleware, answer_replays, replay_response
 from .readonly import should_replay
 
 
@@ -43,6 +43,7 @@ class LiteFS:
             raise _named(exc, from_config, self.options) from None
         app.wsgi_app = self.middleware
         app.extensions["litefs"] = self
+        answer_replays(app)  # done already unless app.wsgi_app was wrapped before
         if self.middleware.config.replay_on_readonly:
             replay_on_readonly(app)
 
@@ -67,7 +68,7 @@ def replay_on_readonly(app) -> None:
 
     def replay_or_not(error: Exception):
         if should_replay(request.environ, error):
-            return ReplayOnPrimary().get_response(request.environ)
+            return replay_response(app)
         # As without this handler: the app's own handler for a base class (Exception), else
         # Flask's 500 (re-raised here, Flask goes on to handle_exception as it would have).
         for cls in type(error).__mro__:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import closing
 
 import pytest
 import requests
-from flask import Flask, request
+from flask import Flask, Response, request
 from servers import serve, wait_until
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from litefs_wsgi import ConfigError, LiteFSMiddleware
+from litefs_wsgi import ConfigError, LiteFSMiddleware, ReplayOnPrimary
 from litefs_wsgi.flask import LiteFS
 from litefs_wsgi.testing import LiteFSMount
 
@@ -213,3 +216,127 @@ def test_extension_bad_value_names_its_config_key(cluster):
     with pytest.raises(ConfigError, match=r"^max_lag: 'soon' is not a duration") as error:
         LiteFS(create_app(primary), db="app.db", mount_dir=primary.path, max_lag="soon")
     assert "set by" not in str(error.value)
+
+
+# -- ReplayOnPrimary in a Flask app ---------------------------------------------------------
+
+
+def visiting_app(mount: LiteFSMount, seen: list[str], json_errors: bool = False) -> Flask:
+    """An app whose GET /visit writes, so on a replica it asks for the primary; with
+    ``json_errors``, it answers every HTTPException itself, as JSON APIs do. (Not
+    ``litefs_wsgi.is_primary()``: two nodes in one process, it asks the last one made.)"""
+    app = Flask(__name__)
+
+    @app.get("/visit")
+    def visit():
+        seen.append("visit")
+        if os.path.exists(os.path.join(mount.path, ".primary")):  # a replica: it names the primary
+            raise ReplayOnPrimary()
+        with closing(sqlite3.connect(mount.db_path("app.db"), timeout=10)) as conn, conn:
+            conn.execute("INSERT INTO items (name) VALUES ('visit')")
+        return "visited on the primary\n"
+
+    @app.after_request
+    def commit(response):
+        mount.sync("app.db")  # -pos moves at commit, before the answer starts, as in LiteFS
+        return response
+
+    if json_errors:
+
+        @app.errorhandler(HTTPException)
+        def as_json(error):
+            return {"error": error.code}, error.code
+
+    return app
+
+
+class OwnResponse(Response):
+    """A response class an app sets after LiteFSMiddleware is made."""
+
+
+def install(app: Flask, how: str, mount: LiteFSMount, **options) -> None:
+    options = {"db": "app.db", "mount_dir": mount.path, **options}
+    if how == "middleware":
+        app.wsgi_app = LiteFSMiddleware(app.wsgi_app, **options)
+    elif how == "middleware, then response_class":
+        app.wsgi_app = LiteFSMiddleware(app.wsgi_app, **options)
+        app.response_class = OwnResponse
+    elif how == "extension":
+        LiteFS(app, **options)
+    elif how == "extension around ProxyFix":
+        app.wsgi_app = ProxyFix(app.wsgi_app)
+        LiteFS(app, **options)
+    else:
+        assert how == "middleware around ProxyFix"
+        app.wsgi_app = LiteFSMiddleware(ProxyFix(app.wsgi_app), **options)
+
+
+# Around Flask's own wsgi_app the middleware is told of a replay in the environ; around
+# anything else it looks at each answer as it starts. The extension registers the handler
+# in both cases, so an app's own handler for HTTPException cannot hide the replay.
+REPLAY_SETUPS = [
+    ("middleware", True, True),
+    ("middleware", False, True),
+    ("middleware, then response_class", True, True),
+    ("extension", True, True),
+    ("extension around ProxyFix", True, False),
+    ("middleware around ProxyFix", False, False),
+]
+
+
+@pytest.mark.parametrize(("how", "json_errors", "in_environ"), REPLAY_SETUPS)
+def test_a_view_raising_replay_on_primary_runs_on_the_primary(cluster, how, json_errors, in_environ):
+    primary, replica = cluster
+    seen: dict[str, list[str]] = {"primary": [], "replica": []}
+    primary_app = visiting_app(primary, seen["primary"], json_errors)
+    install(primary_app, how, primary)
+    with serve(primary_app) as primary_url:
+        port = primary_url.rsplit(":", 1)[1]
+        app = visiting_app(replica, seen["replica"], json_errors)
+        install(app, how, replica, forward="http", primary_url=f"http://127.0.0.1:{port}")
+        middleware = app.wsgi_app
+        assert middleware._replays_in_environ is in_environ
+        with serve(app) as replica_url:
+            response = requests.get(replica_url + "/visit", timeout=TIMEOUT)
+    assert (response.status_code, response.text) == (200, "visited on the primary\n")
+    assert int(txid_cookie(response), 16) == primary.position("app.db") > replica.position("app.db")
+    assert "X-LiteFS-Replay" not in response.headers
+    assert seen == {"primary": ["visit"], "replica": ["visit"]}
+
+
+@pytest.mark.parametrize("how", ["middleware", "middleware around ProxyFix"])
+def test_replay_on_primary_raised_on_the_primary_is_a_500(cluster, how):
+    primary, _ = cluster
+    seen: list[str] = []
+    app = visiting_app(primary, seen)
+
+    @app.get("/confused")
+    def confused():
+        raise ReplayOnPrimary()  # on the primary: an app's bug, said plainly rather than looped
+
+    install(app, how, primary)
+    with serve(app) as url:
+        response = requests.get(url + "/confused", timeout=TIMEOUT)
+    assert (response.status_code, response.text) == (500, "Proxy error: replay requested on the primary\n")
+
+
+def test_without_the_middleware_in_the_way_replay_on_primary_is_the_503(cluster):
+    """A Flask app whose handler the middleware registered, served without it: the client gets
+    ReplayOnPrimary's 503, as without litefs-wsgi."""
+    _, replica = cluster
+    app = visiting_app(replica, [])
+    LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)  # made, but not installed
+    with serve(app) as url:
+        response = requests.get(url + "/visit", timeout=TIMEOUT)
+    assert response.status_code == 503 and "LiteFSMiddleware is not installed" in response.text
+
+
+def test_an_apps_own_handler_for_replay_on_primary_is_kept(cluster):
+    _, replica = cluster
+    app = visiting_app(replica, [])
+    app.register_error_handler(ReplayOnPrimary, lambda error: ("the app's own answer\n", 409))
+    app.wsgi_app = middleware = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)
+    assert middleware._replays_in_environ is False  # the app chose: its answer goes out as it starts
+    with serve(app) as url:
+        response = requests.get(url + "/visit", timeout=TIMEOUT)
+    assert (response.status_code, response.text) == (409, "the app's own answer\n")

@@ -34,8 +34,11 @@ def make_db(path: str) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS visits (id INTEGER PRIMARY KEY, path TEXT)")
 
 
-def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], **options) -> Flask:
-    """An app recording a visit in a GET; ``readonly`` opens the database as a replica has it."""
+def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], wrapped: bool = False, **options) -> Flask:
+    """An app recording a visit in a GET; ``readonly`` opens the database as a replica has it.
+    ``-pos`` moves as each answer starts, as LiteFS's at commit: in an ``after_request``, or
+    with ``wrapped`` by a WSGI wrapper between the middleware and Flask, which makes the
+    middleware recognise a replay by its answer's header rather than in the environ."""
     app = Flask(__name__)
     path = mount.db_path("app.db")
 
@@ -88,7 +91,16 @@ def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], **options) -
             return "".join(f"{p}\n" for (p,) in conn.execute("SELECT path FROM visits ORDER BY id"))
 
     LiteFS(app, db="app.db", mount_dir=mount.path, **options)
-    app.wsgi_app.app = mount.committing(app.wsgi_app.app)  # -pos moves at commit, as in LiteFS
+    if wrapped:
+        app.wsgi_app.app = mount.committing(app.wsgi_app.app)
+    else:
+
+        @app.after_request
+        def commit(response):
+            mount.sync("app.db")
+            return response
+
+    assert app.wsgi_app._replays_in_environ is not wrapped
     return app
 
 
@@ -104,15 +116,15 @@ def cluster(tmp_path):
 
 
 @contextlib.contextmanager
-def nodes(cluster, primary_options=None, **replica_options):
+def nodes(cluster, primary_options=None, wrapped=False, **replica_options):
     """The primary and the replica, served; yields (primary URL, replica URL, requests each app saw)."""
     primary, replica = cluster
     seen: dict[str, list[str]] = {"primary": [], "replica": []}
-    primary_app = create_app(primary, False, seen["primary"], **(primary_options or {}))
+    primary_app = create_app(primary, False, seen["primary"], wrapped, **(primary_options or {}))
     with serve(primary_app) as primary_url:
         port = urlsplit(primary_url).port
         options = {"forward": "http", "primary_url": f"http://{{hostname}}:{port}", **replica_options}
-        with serve(create_app(replica, True, seen["replica"], **options)) as replica_url:
+        with serve(create_app(replica, True, seen["replica"], wrapped, **options)) as replica_url:
             yield primary_url, replica_url, seen
 
 
@@ -127,10 +139,11 @@ def txid_cookie(response) -> int:
     return int(values[0].split(";")[0].split("=", 1)[1], 16)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
 @pytest.mark.parametrize("path", ["/visit", "/visit-sqlalchemy"])
-def test_a_get_that_writes_on_a_replica_runs_on_the_primary(cluster, path):
+def test_a_get_that_writes_on_a_replica_runs_on_the_primary(cluster, path, wrapped):
     primary, replica = cluster
-    with nodes(cluster) as (primary_url, replica_url, seen):
+    with nodes(cluster, wrapped=wrapped) as (primary_url, replica_url, seen):
         response = requests.get(replica_url + path, timeout=TIMEOUT)
         assert (response.status_code, response.text) == (200, "visited\n")
         assert txid_cookie(response) == primary.position("app.db") > replica.position("app.db")
