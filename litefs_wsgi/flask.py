@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from .config import Config, ConfigError
-from .middleware import LiteFSMiddleware, answer_replays, replay_response
+from .middleware import LiteFSMiddleware, ReplayOnPrimary, answer_replays
 from .readonly import should_replay
 
 
@@ -68,7 +68,7 @@ def replay_on_readonly(app) -> None:
 
     def replay_or_not(error: Exception):
         if should_replay(request.environ, error):
-            return replay_response(app)
+            return ReplayOnPrimary().get_response(request.environ)
         # As without this handler: the app's own handler for a base class (Exception), else
         # Flask's 500 (re-raised here, Flask goes on to handle_exception as it would have).
         for cls in type(error).__mro__:

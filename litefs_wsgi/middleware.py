@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 import re
@@ -28,9 +28,6 @@ log = logging.getLogger("litefs_wsgi")
 HEALTH_PATH = "/litefs/health"
 FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request body
 REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
-# Set (False) by LiteFSMiddleware around a Flask app's own wsgi_app; ReplayOnPrimary's answer
-# there sets it True instead of starting a response (replay_response).
-REPLAYED_KEY = "litefs_wsgi.replayed"
 FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
 WARN_EVERY = 60.0  # a warning a client's requests can cause is logged at most this often
 
@@ -49,54 +46,28 @@ class ReplayOnPrimary(HTTPException):
         return [*super().get_headers(environ, scope), (REPLAY_HEADER, "1")]
 
 
-@functools.lru_cache(maxsize=16)
-def _replay_class(base: type) -> type:
-    def __call__(self, environ, start_response):
-        if REPLAYED_KEY in environ:  # LiteFSMiddleware is right around the app: it replays
-            environ[REPLAYED_KEY] = True
-            return []
-        return base.__call__(self, environ, start_response)
-
-    return type("ReplayOnPrimaryResponse", (base,), {"__call__": __call__, "__module__": __name__})
-
-
-def replay_response(flask_app, error: ReplayOnPrimary | None = None):
-    """A Flask app's answer to ReplayOnPrimary: its 503, of ``flask_app.response_class`` so
-    that Flask sends it on as it is. Around the app's own ``wsgi_app``, LiteFSMiddleware
-    is told in the environ instead, and no response starts; anywhere else the middleware
-    knows the 503 by its header as it starts, and without a middleware the client gets it."""
-    response = (error or ReplayOnPrimary()).get_response()
-    response.__class__ = _replay_class(flask_app.response_class)  # as Flask's force_type does
-    return response
+def answer_replays(flask_app) -> None:
+    """Register ``flask_app``'s handler of ReplayOnPrimary, which answers with its 503 as
+    werkzeug makes it, header and all, for LiteFSMiddleware to know it. The most specific
+    handler there can be, it wins over the app's own for ``HTTPException`` (a JSON API's),
+    which would answer a 503 without the header: the request was then never replayed. An
+    app that has a handler for ReplayOnPrimary itself keeps it; so does one past its setup,
+    which Flask allows no new handler."""
+    if flask_app.error_handler_spec[None][ReplayOnPrimary.code].get(ReplayOnPrimary) is not None:
+        return
+    with contextlib.suppress(AssertionError):  # Flask refuses setup after its first request
+        flask_app.register_error_handler(ReplayOnPrimary, _as_is)
 
 
-def answer_replays(flask_app) -> bool:
-    """Register ``replay_response`` as ``flask_app``'s handler of ReplayOnPrimary, unless the
-    app has one of its own (or is past its setup). The most specific handler, it wins over
-    the app's own for 503 or HTTPException, which would drop the 503's header. True when
-    it is the handler."""
-    handler = flask_app.error_handler_spec[None][ReplayOnPrimary.code].get(ReplayOnPrimary)
-    if handler is not None:
-        return getattr(handler, "litefs_replay", False)
-
-    def answer(error: ReplayOnPrimary):
-        return replay_response(flask_app, error)
-
-    answer.litefs_replay = True  # type: ignore[attr-defined]
-    try:
-        flask_app.register_error_handler(ReplayOnPrimary, answer)
-    except AssertionError:  # Flask refuses new handlers after its first request
-        return False
-    return True
+def _as_is(error: ReplayOnPrimary) -> ReplayOnPrimary:
+    return error  # Flask makes its response: the 503 with the header
 
 
-def flask_of(app) -> Any | None:
-    """The Flask app whose own ``wsgi_app`` ``app`` is, bound, with nothing around it; else None."""
+def _flask_app_of(app) -> Any | None:
+    """The Flask app whose ``wsgi_app`` method ``app`` is, or None."""
     flask = sys.modules.get("flask")  # never imported here: a Flask app has done it already
     owner = getattr(app, "__self__", None)
-    if flask is None or owner is None or not isinstance(owner, flask.Flask):
-        return None
-    return owner if getattr(app, "__func__", None) is flask.Flask.wsgi_app else None
+    return owner if flask is not None and isinstance(owner, flask.Flask) else None
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern | None:
@@ -192,11 +163,8 @@ class LiteFSMiddleware:
     def __init__(self, app, config: Config | None = None, *, forwarder: Forwarder | None = None, **options: Any):
         if config is not None and options:
             raise TypeError("pass either config or keyword options, not both")
+        self.app = app
         self.config = config = config if config is not None else Config.load(**options)
-        # The standalone proxy's target is another process, which cannot raise ReplayOnPrimary:
-        # a read's answer then goes to the server untouched (counted as the read is sent).
-        self._may_replay = getattr(app, "may_replay", True)
-        self.app = app  # a property: see _replays_in_environ
         self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url)
         set_default_watcher(self.watcher)
         self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)
@@ -214,6 +182,12 @@ class LiteFSMiddleware:
         # The header's WSGI environ key, as servers name it (LiteFS-TXID: HTTP_LITEFS_TXID).
         self._txid_key = "HTTP_" + header.upper().replace("-", "_") if header else None
         self._replay_readonly = config.replay_on_readonly
+        # The standalone proxy's target is another process, which cannot raise ReplayOnPrimary:
+        # a read's answer then goes to the server untouched (counted as the read is sent).
+        self._may_replay = getattr(app, "may_replay", True)
+        flask_app = _flask_app_of(app)
+        if flask_app is not None:
+            answer_replays(flask_app)
         self._only_db = config.db[0] if len(config.db) == 1 else None
         # Cookie headers whose TXIDs were found reached (Watcher.reached): a client sends the
         # same one until its next write, and each read then costs a look-up. Not with a
@@ -239,20 +213,6 @@ class LiteFSMiddleware:
                 "to refuse writes instead.",
             )
 
-    @property
-    def app(self):
-        """The wrapped WSGI app."""
-        return self._app
-
-    @app.setter
-    def app(self, app) -> None:
-        self._app = app
-        # A Flask app's own wsgi_app, with nothing around it, tells of a ReplayOnPrimary in the
-        # environ (answer_replays): its reads then call no start_response wrapper. Any other
-        # app's answer is looked at as it starts.
-        flask_app = flask_of(app) if self._may_replay else None
-        self._replays_in_environ = flask_app is not None and answer_replays(flask_app)
-
     def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
         # The hop marker is ours and never reaches the app. It only makes this node refuse
         # to forward the request again (and, on the primary, answer it with the cookie):
@@ -265,7 +225,7 @@ class LiteFSMiddleware:
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
             self._metrics.passthrough()
-            return self._app(environ, start_response)
+            return self.app(environ, start_response)
         if method == "GET":
             if path == HEALTH_PATH:
                 self._metrics.health()
@@ -319,21 +279,14 @@ class LiteFSMiddleware:
             return self._serve_write(environ, start_response)
         if not self._may_replay:
             served()
-            return self._app(environ, start_response)
+            return self.app(environ, start_response)
         # Call the app; a view that raises ReplayOnPrimary gets its request sent to the
         # primary (here, not in a method of its own: this runs on every read).
+        replay: list[bool] = []
         if self._replay_readonly and not replayed:
             # The Flask extension and Django's middleware may then turn SQLite's read-only
             # error into ReplayOnPrimary (litefs_wsgi.readonly.should_replay).
             environ[REPLAY_ENVIRON_KEY] = self.watcher
-        if self._replays_in_environ:
-            environ[REPLAYED_KEY] = False
-            result = self._app(environ, start_response)
-            if environ.get(REPLAYED_KEY) is not True:
-                served()
-                return result
-            return self._replay(environ, start_response, method, path, replayed, result)
-        replay: list[bool] = []
 
         def intercept(status, headers, exc_info=None):
             # ReplayOnPrimary is a 503: other answers need no look at their headers (a
@@ -345,7 +298,7 @@ class LiteFSMiddleware:
                 served()  # counted once the app answers here: a replayed read counts where it goes
             return start_response(status, headers, exc_info)
 
-        result = self._app(environ, intercept)
+        result = self.app(environ, intercept)
         if not replay:
             return result
         return self._replay(environ, start_response, method, path, replayed, result)
@@ -451,7 +404,7 @@ class LiteFSMiddleware:
             self._metrics.write_primary()
             if method in ("GET", "HEAD") and not replayed:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
-                return self._app(environ, start_response)
+                return self.app(environ, start_response)
             return self._serve_write(environ, start_response)
         if self.config.forward == "fly-replay" and _replayable(environ):
             self._debug("fly-replay", method, path, primary)
@@ -540,7 +493,7 @@ class LiteFSMiddleware:
                 headers = self._add_txid_header(headers, value_of(cookie))
             return start_response(status, [*headers, ("Set-Cookie", cookie)], exc_info)
 
-        return self._app(environ, add_cookie)
+        return self.app(environ, add_cookie)
 
     def _add_txid_header(self, headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:
         """``headers`` with the ``txid_header`` set to ``value``, replacing the app's own."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -9,7 +10,7 @@ from contextlib import closing
 
 import pytest
 import requests
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, request
 from servers import serve, wait_until
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -271,37 +272,98 @@ def install(app: Flask, how: str, mount: LiteFSMount, **options) -> None:
         app.wsgi_app = LiteFSMiddleware(ProxyFix(app.wsgi_app), **options)
 
 
-# Around Flask's own wsgi_app the middleware is told of a replay in the environ; around
-# anything else it looks at each answer as it starts. The extension registers the handler
-# in both cases, so an app's own handler for HTTPException cannot hide the replay.
+# How the middleware is installed, and whether the app answers every HTTPException itself (a
+# JSON API), which without the handler the middleware registers dropped ReplayOnPrimary's
+# header; around ProxyFix only the extension can find the app to register it.
 REPLAY_SETUPS = [
-    ("middleware", True, True),
-    ("middleware", False, True),
-    ("middleware, then response_class", True, True),
-    ("extension", True, True),
-    ("extension around ProxyFix", True, False),
-    ("middleware around ProxyFix", False, False),
+    ("middleware", True),
+    ("middleware", False),
+    ("middleware, then response_class", True),
+    ("extension", True),
+    ("extension around ProxyFix", True),
+    ("middleware around ProxyFix", False),
 ]
 
 
-@pytest.mark.parametrize(("how", "json_errors", "in_environ"), REPLAY_SETUPS)
-def test_a_view_raising_replay_on_primary_runs_on_the_primary(cluster, how, json_errors, in_environ):
+@contextlib.contextmanager
+def replaying(cluster, how: str, json_errors: bool, change=lambda app: None):
+    """The primary and the replica of ``visiting_app``, each installed ``how`` and changed by
+    ``change``, served; yields (replica URL, the views each ran)."""
     primary, replica = cluster
     seen: dict[str, list[str]] = {"primary": [], "replica": []}
     primary_app = visiting_app(primary, seen["primary"], json_errors)
     install(primary_app, how, primary)
+    change(primary_app)
     with serve(primary_app) as primary_url:
         port = primary_url.rsplit(":", 1)[1]
         app = visiting_app(replica, seen["replica"], json_errors)
         install(app, how, replica, forward="http", primary_url=f"http://127.0.0.1:{port}")
-        middleware = app.wsgi_app
-        assert middleware._replays_in_environ is in_environ
+        change(app)
         with serve(app) as replica_url:
-            response = requests.get(replica_url + "/visit", timeout=TIMEOUT)
+            yield replica_url, seen
+
+
+def assert_replayed(cluster, response, seen) -> None:
+    primary, replica = cluster
     assert (response.status_code, response.text) == (200, "visited on the primary\n")
     assert int(txid_cookie(response), 16) == primary.position("app.db") > replica.position("app.db")
     assert "X-LiteFS-Replay" not in response.headers
     assert seen == {"primary": ["visit"], "replica": ["visit"]}
+
+
+@pytest.mark.parametrize(("how", "json_errors"), REPLAY_SETUPS)
+def test_a_view_raising_replay_on_primary_runs_on_the_primary(cluster, how, json_errors):
+    with replaying(cluster, how, json_errors) as (url, seen):
+        response = requests.get(url + "/visit", timeout=TIMEOUT)
+    assert_replayed(cluster, response, seen)
+
+
+def own_handler_returning_the_error(app: Flask) -> None:
+    app.register_error_handler(ReplayOnPrimary, lambda error: error)  # after the middleware's: it wins
+
+
+def blueprint_handler_returning_the_error(app: Flask) -> None:
+    blueprint = Blueprint("visits", __name__)
+    blueprint.register_error_handler(ReplayOnPrimary, lambda error: error)
+
+    @blueprint.get("/visit")
+    def visit():
+        return app.view_functions["visit"]()  # the app's own view, which raises on a replica
+
+    app.register_blueprint(blueprint, url_prefix="/bp")
+
+
+def after_request_rebuilding_the_answer(app: Flask) -> None:
+    @app.after_request
+    def rebuild(response):
+        return Response(response.get_data(), response.status_code, list(response.headers.items()))
+
+
+def view_returning_the_answer(app: Flask) -> None:
+    view = app.view_functions["visit"]
+
+    def visit():
+        try:
+            return view()
+        except ReplayOnPrimary as error:
+            return error.get_response()
+
+    app.view_functions["visit"] = visit
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (own_handler_returning_the_error, "/visit"),
+        (blueprint_handler_returning_the_error, "/bp/visit"),
+        (after_request_rebuilding_the_answer, "/visit"),
+        (view_returning_the_answer, "/visit"),
+    ],
+)
+def test_any_answer_carrying_replay_on_primarys_header_is_replayed(cluster, change, path):
+    with replaying(cluster, "extension", False, change) as (url, seen):
+        response = requests.get(url + path, timeout=TIMEOUT)
+    assert_replayed(cluster, response, seen)
 
 
 @pytest.mark.parametrize("how", ["middleware", "middleware around ProxyFix"])
@@ -335,8 +397,7 @@ def test_an_apps_own_handler_for_replay_on_primary_is_kept(cluster):
     _, replica = cluster
     app = visiting_app(replica, [])
     app.register_error_handler(ReplayOnPrimary, lambda error: ("the app's own answer\n", 409))
-    app.wsgi_app = middleware = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)
-    assert middleware._replays_in_environ is False  # the app chose: its answer goes out as it starts
+    app.wsgi_app = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)
     with serve(app) as url:
         response = requests.get(url + "/visit", timeout=TIMEOUT)
     assert (response.status_code, response.text) == (409, "the app's own answer\n")
