@@ -376,9 +376,12 @@ class LiteFSMiddleware:
             self._metrics.error()
             return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
         self._debug("replayed on the primary by the app", method, path)
-        return self._write(environ, start_response, method, path, replayed)
+        return self._write(environ, start_response, method, path, replayed, writes=True)
 
-    def _write(self, environ, start_response, method, path, replayed) -> Iterable[bytes]:
+    def _write(self, environ, start_response, method, path, replayed, writes: bool = False) -> Iterable[bytes]:
+        """Run the request on the primary: here, or sent there. ``writes``: a GET or HEAD whose
+        view asked for the primary, which gets the cookie if it runs here (this node may have
+        become the primary while it waited for one)."""
         if self.config.require_mount and self.watcher.mount_problem() is not None:
             self._refuse_unmounted(method, path)
             self._metrics.no_primary()
@@ -402,7 +405,7 @@ class LiteFSMiddleware:
             if self.config.debug:
                 self._debug("write on the primary", method, path)
             self._metrics.write_primary()
-            if method in ("GET", "HEAD") and not replayed:
+            if method in ("GET", "HEAD") and not replayed and not writes:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
                 return self.app(environ, start_response)
             return self._serve_write(environ, start_response)

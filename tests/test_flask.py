@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from contextlib import closing
 
 import pytest
@@ -401,3 +402,43 @@ def test_an_apps_own_handler_for_replay_on_primary_is_kept(cluster):
     with serve(app) as url:
         response = requests.get(url + "/visit", timeout=TIMEOUT)
     assert (response.status_code, response.text) == (409, "the app's own answer\n")
+
+
+class HandClock:
+    """A watcher's clock that moves only when told: what it read stays trusted."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_replay_that_finds_this_node_elected_runs_here_with_the_cookie(cluster, caplog):
+    """During an election (a replica that knows no primary) a view asks for the primary, and the
+    request waits for one; when this node wins, the view runs here, and its write gets the
+    ``__txid`` cookie as any write on the primary does."""
+    _, replica = cluster
+    primary_file = os.path.join(replica.path, ".primary")
+    with open(primary_file, "w") as f:
+        f.write("\n")  # no host name: a replica that knows no primary
+    seen: list[str] = []
+    app = visiting_app(replica, seen)
+    app.wsgi_app = middleware = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)
+    middleware.watcher.clock = HandClock()  # the role read when the view asks stays the one trusted
+    view = app.view_functions["visit"]
+
+    def visit():
+        try:
+            return view()
+        except ReplayOnPrimary:
+            assert middleware.watcher.role() == (False, None)  # read now, and kept
+            os.remove(primary_file)  # the election ends: this node is the primary
+            raise
+
+    app.view_functions["visit"] = visit
+    with serve(app) as url:
+        response = requests.get(url + "/visit", timeout=TIMEOUT)
+    assert (response.status_code, response.text) == (200, "visited on the primary\n")
+    assert seen == ["visit", "visit"]  # asked, then ran here once elected
+    assert int(txid_cookie(response), 16) == replica.position("app.db")
