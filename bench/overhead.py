@@ -20,7 +20,9 @@ requests gave a read that adds 3% of the app's instructions 0.82 in one run:
   watcher without reading ``-pos`` (no middleware does this: a reference, that shows what the
   file read costs, the kernel's part included).
 
-The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free).
+The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free); beside it,
+the middle half of the rounds' ratios (their first and third quartiles): how much one round's
+figure moves on this machine.
 
 ``--instructions`` counts instead, under valgrind's callgrind, the CPU instructions each
 request executes (the difference between runs of two request counts, so start-up cancels out):
@@ -268,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = ["-pos opened", "-pos kept open"] if args.litefs or args.keep_open else ["wrapped"]
     widths = [max(11, len(label) + 3) for label in labels]
     header = f"{'case':<34} {'bare µs':>8}"
-    header += "".join(f" | {label + ' µs':>{width}} {'ratio':>6}" for label, width in zip(labels, widths))
+    header += "".join(
+        f" | {label + ' µs':>{width}} {'ratio':>6} {'mid half':>9}" for label, width in zip(labels, widths)
+    )
     print(header)
     print("-" * len(header))
     for name, rounds in samples.items():
@@ -276,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{name:<34} {bare_t * 1e6:>8.1f}"
         for side, width in enumerate(widths, 1):
             wrapped_t = statistics.median(r[side] for r in rounds)
-            ratio = statistics.median(r[0] / r[side] for r in rounds)  # throughput kept, per round
-            line += f" | {wrapped_t * 1e6:>{width}.1f} {ratio:>6.2f}"
+            ratios = [r[0] / r[side] for r in rounds]  # throughput kept, per round
+            # The middle half of the rounds' ratios: how far one round's figure moves here.
+            low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            line += f" | {wrapped_t * 1e6:>{width}.1f} {statistics.median(ratios):>6.2f} {low:>4.2f}-{high:.2f}"
         print(line)
     if reads:
         print("", *reads, sep="\n")
