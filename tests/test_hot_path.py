@@ -428,13 +428,13 @@ def real_clock_node(mount, monkeypatch, idle_for: float, retired_for: float) -> 
 def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
     # The node's own thread lets go of a descriptor unused for IDLE_FOR, closes it
     # RETIRED_FOR later, and then ends: on the real clock, observed, not slept for. IDLE_FOR
-    # of a second: a busy machine's pause between a read and the look that follows it is
-    # not taken for idleness.
-    node, pos = real_clock_node(mount, monkeypatch, idle_for=1.0, retired_for=0.05)
+    # of three seconds: a busy machine's pause between a read and the look that follows it
+    # is not taken for idleness.
+    node, pos = real_clock_node(mount, monkeypatch, idle_for=3.0, retired_for=0.05)
     assert node.txid("app.db") == 5
     fd = node._kept["app.db"][0]
     assert node._reaper is not None
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while (open_descriptors(pos) or node._reaper is not None) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert open_descriptors(pos) == 0
@@ -448,12 +448,12 @@ def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
 def test_a_descriptor_kept_while_the_nodes_thread_waits_to_close_others_is_let_go_when_idle(mount, monkeypatch):
     # Its thread, with only descriptors let go, sleeps until the first is due (RETIRED_FOR):
     # a descriptor kept meanwhile wakes it, and is let go once idle (IDLE_FOR), not when the
-    # first is due. A second idle, 30 s retired: a busy machine's pauses fit in between.
-    node, pos = real_clock_node(mount, monkeypatch, idle_for=1.0, retired_for=30.0)
+    # first is due. Three seconds idle, 60 s retired: a busy machine's pauses fit in between.
+    node, pos = real_clock_node(mount, monkeypatch, idle_for=3.0, retired_for=60.0)
     for _ in range(2):
         assert node.txid("app.db") == 5 and open_descriptors(pos) == 1
         started = time.monotonic()
-        while open_descriptors(pos) and time.monotonic() - started < 15:
+        while open_descriptors(pos) and time.monotonic() - started < 30:
             time.sleep(0.01)
         assert open_descriptors(pos) == 0, "still kept after half of RETIRED_FOR"
     node.close()

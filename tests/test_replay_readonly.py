@@ -37,8 +37,8 @@ def make_db(path: str) -> None:
 def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], wrapped: bool = False, **options) -> Flask:
     """An app recording a visit in a GET; ``readonly`` opens the database as a replica has it.
     ``-pos`` moves as each answer starts, as LiteFS's at commit: in an ``after_request``, or
-    with ``wrapped`` by a WSGI wrapper between the middleware and Flask, which makes the
-    middleware recognise a replay by its answer's header rather than in the environ."""
+    with ``wrapped`` by a WSGI wrapper between the middleware and Flask, as an app with other
+    middlewares has (only the extension can then find the Flask app to register its handler)."""
     app = Flask(__name__)
     path = mount.db_path("app.db")
 
