@@ -104,6 +104,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pids: list[int]) -> int:
+    """The context switches (voluntary and forced) every thread of the processes ``pids`` has
+    made so far: a thread makes one each time it waits, for a socket or for the GIL."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+            except OSError:  # a thread gone meanwhile
+                continue
+    return total
+
+
 def callgrind_instructions(script: str, args: list[str]) -> int:
     """The CPU instructions ``python script ARGS`` executes, counted by valgrind's callgrind
     (with a fixed hash seed, so that two runs differ only by what they were asked to do)."""

@@ -27,7 +27,10 @@ round. The machine's cores are shared by wrk, the proxies and the app: read the 
 the absolute figures. For the GETs
 it also prints the CPU time (user and system) each setup's own processes spent per request,
 read from /proc around each wrk run: what a request costs, which moves less than req/s does
-on a machine where everything waits for the same two cores.
+on a machine where everything waits for the same two cores; and the context switches their
+threads made per request (also from /proc): a Python server's threads take turns at the GIL,
+and each wait for it, or for a socket, is a switch, which costs more CPU than most of the
+request's own Python code on a virtual machine.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import time
 from collections.abc import Iterator
 
 import common
-from common import ROOT, children, cpu_seconds, free_port, running
+from common import ROOT, children, context_switches, cpu_seconds, free_port, running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BODY = b"x" * 512
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         # just after the other's) over the other's, one value per round
         beside: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}  # CPU seconds per answer of each setup's processes
+        switches: dict[tuple[str, str], list[float]] = {}  # their threads' context switches per answer
         problems: set[str] = set()
         anchor = next(setup for setup in setups if setup.name == "litefs-wsgi")
         others = [setup for setup in setups if setup is not anchor]
@@ -319,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         def run(setup: Setup, load: str) -> float:
             path, connections, with_cookie = loads[load]
             pids = setup.workers()
-            before = cpu_seconds(pids)
+            before, switched = cpu_seconds(pids), context_switches(pids)
             rps, problem, count = wrk(setup.url, path, connections, args.seconds, cookie if with_cookie else None)
             if problem:
                 problems.add(f"{setup.name}, {load}: {problem}")
             if count and path != "/bench/stream":
                 cpu.setdefault((setup.name, load), []).append((cpu_seconds(pids) - before) / count)
+                switches.setdefault((setup.name, load), []).append((context_switches(pids) - switched) / count)
             return rps
 
         for index in range(args.rounds):
@@ -369,6 +374,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             for setup in setups:
                 cells = "".join(f"{statistics.median(cpu[(setup.name, load)]) * 1e6:>12.0f}" for load in cpu_loads)
+                print(f"{setup.name:<{width}}{cells}")
+            print()
+            print(
+                f"{'context switches per request':<{width}}"
+                + "".join(f"{load:>12}" for load in cpu_loads)
+                + "   (median; each wait of a thread, for a socket or for the GIL, is one)"
+            )
+            for setup in setups:
+                cells = "".join(f"{statistics.median(switches[(setup.name, load)]):>12.1f}" for load in cpu_loads)
                 print(f"{setup.name:<{width}}{cells}")
             print()
 
