@@ -367,24 +367,29 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu_loads = [load for load in loads if loads[load][0] != "/bench/stream"]
         if cpu_loads:
-            print(
-                f"{'CPU µs per request (median)':<{width}}"
-                + "".join(f"{load:>12}" for load in cpu_loads)
-                + "   (the setup's own processes; behind a proxy the app's come on top)"
-            )
-            for setup in setups:
-                cells = "".join(f"{statistics.median(cpu[(setup.name, load)]) * 1e6:>12.0f}" for load in cpu_loads)
-                print(f"{setup.name:<{width}}{cells}")
-            print()
-            print(
-                f"{'context switches per request':<{width}}"
-                + "".join(f"{load:>12}" for load in cpu_loads)
-                + "   (median; each wait of a thread, for a socket or for the GIL, is one)"
-            )
-            for setup in setups:
-                cells = "".join(f"{statistics.median(switches[(setup.name, load)]):>12.1f}" for load in cpu_loads)
-                print(f"{setup.name:<{width}}{cells}")
-            print()
+            for title, samples, scale, cell, note in (
+                (
+                    "CPU µs per request (median)",
+                    cpu,
+                    1e6,
+                    "{:>12.0f}",
+                    "the setup's own processes; behind a proxy the app's come on top",
+                ),
+                (
+                    "context switches per request",
+                    switches,
+                    1,
+                    "{:>12.1f}",
+                    "median; each wait of a thread, for a socket or for the GIL, is one",
+                ),
+            ):
+                print(f"{title:<{width}}" + "".join(f"{load:>12}" for load in cpu_loads) + f"   ({note})")
+                for setup in setups:
+                    cells = "".join(
+                        cell.format(statistics.median(samples[(setup.name, load)]) * scale) for load in cpu_loads
+                    )
+                    print(f"{setup.name:<{width}}{cells}")
+                print()
 
         print("litefs-wsgi beside each: the median over rounds of its req/s (its runs just before and after)")
         print("over the other's, with the lowest and highest round:")
