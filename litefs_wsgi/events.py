@@ -76,7 +76,9 @@ class EventStream:
             # response.close() would block on the buffer lock the reading thread holds while
             # the stream is idle; shutting the socket down ends that read at once instead.
             # (http.client has dropped its own reference to the socket by then: use a dup.)
-            with contextlib.suppress(OSError, ValueError):
+            # AttributeError: the reading thread closed it meanwhile (the stream ended), and
+            # http.client's response, its file gone, has no fileno() to give.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 with socket.fromfd(response.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=2)

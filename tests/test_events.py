@@ -241,6 +241,25 @@ def test_closing_a_watcher_ends_its_event_thread_on_an_idle_stream(replica, lite
     wait_until(lambda: not watcher.events._thread.is_alive(), 10, "the event thread to end")
 
 
+def test_closing_as_the_event_thread_closes_its_stream_raises_nothing(litefs):
+    # The stream's thread may close its response (the stream ended) between close() looking
+    # it up and asking for its socket: close() then holds a response that http.client has
+    # closed, and once raised AttributeError at a test's teardown (gunicorn's worker_exit
+    # calls it too). Here close() gets such a response: a real one, read and closed.
+    import urllib3
+
+    stream = events.EventStream(litefs.url, lambda: None)
+    wait_until(lambda: stream.connected, 10, "the init event")
+    with urllib3.PoolManager(retries=False, timeout=10) as http:
+        done = http.request("GET", litefs.url + "/info", preload_content=False)
+        done.read()
+        done.close()
+        stream._response = done
+        stream.close()  # raises nothing
+    litefs.drop()  # the live stream ends: the thread, told to stop, does
+    wait_until(lambda: not stream._thread.is_alive(), 10, "the event thread to end")
+
+
 def test_an_idle_stream_has_no_read_timeout_and_tcp_keepalive_instead(replica, litefs, closing):
     # LiteFS sends nothing while idle: a read timeout would drop a healthy stream every so
     # often, log a warning, and leave the files in charge meanwhile.
