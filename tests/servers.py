@@ -50,6 +50,24 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
         time.sleep(0.02)
 
 
+class Clock:
+    """A watcher's or node's clock that moves only when told: what it stamped stays trusted."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()  # not earlier than what the watcher stamped before
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def advance_past(self, seconds: float) -> None:
+        """Move a microsecond past ``seconds``: ``(t + s) - t >= s`` is not always true in
+        floating point, whether it is depends on ``t``, the machine's uptime."""
+        self.now += seconds + 1e-6
+
+
 @contextlib.contextmanager
 def answers(obj: object, method: str) -> Iterator[collections.Counter]:
     """Count what ``obj.method`` answers, as ``(*positional arguments, result)``, while the

@@ -6,13 +6,12 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from contextlib import closing
 
 import pytest
 import requests
 from flask import Blueprint, Flask, Response, request
-from servers import serve, wait_until
+from servers import Clock, serve, wait_until
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -404,17 +403,7 @@ def test_an_apps_own_handler_for_replay_on_primary_is_kept(cluster):
     assert (response.status_code, response.text) == (409, "the app's own answer\n")
 
 
-class HandClock:
-    """A watcher's clock that moves only when told: what it read stays trusted."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_replay_that_finds_this_node_elected_runs_here_with_the_cookie(cluster, caplog):
+def test_a_replay_that_finds_this_node_elected_runs_here_with_the_cookie(cluster):
     """During an election (a replica that knows no primary) a view asks for the primary, and the
     request waits for one; when this node wins, the view runs here, and its write gets the
     ``__txid`` cookie as any write on the primary does."""
@@ -425,7 +414,7 @@ def test_a_replay_that_finds_this_node_elected_runs_here_with_the_cookie(cluster
     seen: list[str] = []
     app = visiting_app(replica, seen)
     app.wsgi_app = middleware = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=replica.path)
-    middleware.watcher.clock = HandClock()  # the role read when the view asks stays the one trusted
+    middleware.watcher.clock = Clock()  # the role read when the view asks stays the one trusted
     view = app.view_functions["visit"]
 
     def visit():

@@ -15,7 +15,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from servers import answers
+from servers import Clock, answers
 from werkzeug.test import Client
 
 import litefs_wsgi.node as node_module
@@ -24,24 +24,6 @@ from litefs_wsgi.cookie import cookie_value
 from litefs_wsgi.node import IDLE_FOR, KEEP_FOR, RETIRED_FOR, Node
 from litefs_wsgi.txid import Pos, format_pos
 from litefs_wsgi.watcher import STATE_TTL, get_watcher
-
-
-class Clock:
-    """The watcher's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()  # not earlier than what the watcher stamped before
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def advance_past(self, seconds: float) -> None:
-        """Move a microsecond past ``seconds``: ``(t + s) - t >= s`` is not always true in
-        floating point, whether it is depends on ``t``, the machine's uptime."""
-        self.now += seconds + 1e-6
 
 
 def app(environ, start_response):
