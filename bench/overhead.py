@@ -18,7 +18,11 @@ requests gave a read that adds 3% of the app's instructions 0.82 in one run:
   ``-pos``, bare and wrapped alike), as a commit does;
 - primary write, position not read: the write that commits nothing, its position given by the
   watcher without reading ``-pos`` (no middleware does this: a reference, that shows what the
-  file read costs, the kernel's part included).
+  file read costs, the kernel's part included);
+- primary write, constant cookie: the same POST through a wrapper of three lines that adds a
+  fixed ``Set-Cookie`` and nothing else (a reference too: what the server's handling of one
+  more header costs, which any middleware that sets the cookie pays; the rules' own cost is
+  the gap between this and the position not read).
 
 The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free); beside it,
 the middle half of the rounds' ratios (their first and third quartiles): how much one round's
@@ -94,6 +98,19 @@ def flask_app(db_path: str | None = None, mount: LiteFSMount | None = None) -> f
     return app
 
 
+def constant_cookie(app):
+    """``app`` answering with one more header, the cookie a write on the primary gets, and no rules."""
+    cookie = f"__txid={TXID:016x}; Path=/; Expires=Fri, 04 Dec 2026 18:00:00 GMT; HttpOnly; SameSite=Lax"
+
+    def wrapped(environ, start_response):
+        def add_cookie(status, headers, exc_info=None):
+            return start_response(status, [*headers, ("Set-Cookie", cookie)], exc_info)
+
+        return app(environ, add_cookie)
+
+    return wrapped
+
+
 def per_request(app, environ: dict, n: int, clock=time.thread_time) -> float:
     """Seconds per request, the answer read and closed as a server would. By default this
     thread's CPU time, not the wall clock: other processes on a shared machine then shift it
@@ -144,6 +161,7 @@ def setup(tmp: str, cluster=None) -> tuple:
         unread = LiteFSMiddleware(flask_app().wsgi_app, mount_dir=known.path, **options)
         unread.watcher.txid = lambda db: TXID  # the position as if known: no -pos read
         cases.append(("primary write, position not read", unread, environ("POST")))
+        cases.append(("primary write, constant cookie", constant_cookie(flask_app().wsgi_app), environ("POST")))
     for _name, wrapped, env in cases:  # warm up, and check that each case is what it says
         _body, status, headers = run_wsgi_app(wrapped, env.copy(), buffered=True)
         assert status.startswith("200"), status
@@ -243,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # With --litefs or --keep-open, the wrapped app twice: its -pos file opened for each read
         # (keep_pos_open: false), and read through a kept descriptor (the default on LiteFS's mount).
-        nodes = {id(wrapped.watcher.node): wrapped.watcher.node for _, wrapped, _ in cases}
+        watchers = [wrapped.watcher for _, wrapped, _ in cases if hasattr(wrapped, "watcher")]
+        nodes = {id(watcher.node): watcher.node for watcher in watchers}
         for node in nodes.values():
             stack.callback(node.close)  # before the cluster stops: LiteFS cannot unmount past them
         # node.keep_open of each wrapped side (None: as the node chose: opened on a plain directory)
