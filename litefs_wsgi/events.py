@@ -148,7 +148,10 @@ class EventStream:
                     self._failing = False
         elif kind == "tx" and isinstance(data, dict) and isinstance(event.get("db"), str):
             txid = parse_txid(data.get("txID"))
-            if txid is not None and txid > self.txids.get(event["db"], -1):
+            if txid is not None:
+                # The last one, not the highest: LiteFS sends one after applying a snapshot
+                # too (a restore, a replica ahead of a new primary), at a lower TXID, and the
+                # events of one stream arrive in order.
                 self.txids[event["db"]] = txid
         else:
             return

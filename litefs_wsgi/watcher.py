@@ -119,6 +119,8 @@ class Watcher:
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
             if seen is not None:
+                if txid is None and not os.path.lexists(os.path.join(self.node.mount_dir, db + "-pos")):
+                    return None  # dropped since its last tx event (LiteFS sends none for a drop)
                 txid = max(txid or 0, seen)
         return txid
 
@@ -229,10 +231,20 @@ class Watcher:
                 raise TooManyWaiters()
             self._waiters.append(waiter)
             self._changed = True
+            failed: RuntimeError | None = None
             if self._thread is None:
-                self._thread = threading.Thread(target=self._poll, name="litefs-watcher", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._poll, name="litefs-watcher", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # no thread to be had (a thread or memory limit)
+                    self._waiters.remove(waiter)
+                    failed = exc
+                else:
+                    self._thread = thread
             self._cond.notify_all()  # notify() could wake a wait_for_role() caller instead of the poller
+        if failed is not None:
+            log.warning("cannot start the watcher's thread (%s): this read polls the files itself", failed)
+            return self._wait_alone(targets, timeout, alive)
         try:
             if alive is None:
                 return waiter.done.wait(timeout) or self.reached(targets)
@@ -245,6 +257,17 @@ class Watcher:
             with self._cond:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    def _wait_alone(self, targets: Mapping[str, int], timeout: float, alive: Callable[[], bool] | None) -> bool:
+        """``wait`` without the watcher's thread: this one reads the files every
+        ``poll_interval`` itself, as LiteFS's own proxy does for each waiting read."""
+        deadline = time.monotonic() + timeout
+        while not self.reached(targets):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (alive is not None and not alive()):
+                return False
+            time.sleep(min(self.poll_interval, remaining))
+        return True
 
     @property
     def waiting(self) -> int:

@@ -271,3 +271,50 @@ def test_an_idle_stream_has_no_read_timeout_and_tcp_keepalive_instead(replica, l
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == events.KEEPALIVE_IDLE
     assert litefs.connections == 1
+
+
+def test_a_snapshot_at_a_lower_txid_is_the_position_from_its_tx_event_on(replica, litefs, closing):
+    # LiteFS sends a tx event after applying a snapshot too (a restore, or a replica that was
+    # ahead of a new primary), at the lower TXID: from then on the event's TXID is that one,
+    # not the highest seen, or cookies past the node's position would be served at once.
+    replica.set_position("app.db", 100)
+    watcher = connected_watcher(replica, litefs.url, closing)
+    litefs.send(tx_event("app.db", 100))
+    replica.set_position("app.db", 50)
+    litefs.send(tx_event("app.db", 50))
+    litefs.send(tx_event("sentinel.db", 1))  # events arrive in order: once it is in, so is 50
+    wait_until(lambda: watcher.events.txids.get("sentinel.db") == 1, 10, "the events")
+    assert watcher.events.txids["app.db"] == 50
+    assert watcher.txid("app.db") == 50
+    assert not watcher.reached({"app.db": 90})
+
+
+def test_a_write_after_a_snapshot_gets_the_position_it_wrote(mount, closing):
+    mount.set_position("app.db", 100)
+
+    def app(environ, start_response):
+        mount.set_position("app.db", 51)  # the write commits TXID 51, on the restored database
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    with FakeLiteFS(is_primary=True, hostname=None).running() as primary_api:
+        mw = middleware(mount, primary_api.url, closing, app)
+        primary_api.send(tx_event("app.db", 100))
+        mount.set_position("app.db", 50)
+        primary_api.send(tx_event("app.db", 50))
+        primary_api.send(tx_event("sentinel.db", 1))
+        wait_until(lambda: mw.watcher.events.txids.get("sentinel.db") == 1, 10, "the events")
+        cookie = Client(mw).post("/items").headers["Set-Cookie"]
+    assert cookie.startswith(f"__txid={51:016x};")
+
+
+def test_a_database_dropped_after_its_tx_events_has_nothing_to_wait_for(replica, litefs, closing):
+    # LiteFS sends no event when a database is dropped: its -pos file going is the sign, as
+    # without the stream (SPEC 2.4: no -pos file, the read is served at once).
+    replica.set_position("app.db", 5)
+    watcher = connected_watcher(replica, litefs.url, closing)
+    litefs.send(tx_event("app.db", 5))
+    wait_until(lambda: watcher.events.txids.get("app.db") == 5, 10, "the tx event")
+    replica.remove_position("app.db")
+    assert watcher.txid("app.db") is None
+    assert watcher.wait({"app.db": 9}, 10)  # at once: before the fix, False after 10 s

@@ -159,6 +159,35 @@ def test_max_waiters_refuses_the_next_waiter_at_once(replica):
     assert watcher.wait({"app.db": 2}, 60) is True
 
 
+def test_a_watcher_thread_that_cannot_start_leaves_the_read_polling_and_nothing_behind(replica, monkeypatch):
+    # Thread.start() fails when the process hits a thread or memory limit: the read then
+    # polls the files itself, and no waiter is left counted against max_waiters, nor a
+    # thread that never ran taken for the poller by the reads after it.
+    watcher = Watcher(Node(replica.path), max_waiters=1)
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "litefs-watcher":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with answers(watcher, "txid") as reads:
+        thread, result = in_thread(watcher.wait, {"app.db": 2}, 30)
+        wait_until(lambda: reads["app.db", 1] >= 3, 10, "the read to poll")
+        assert watcher.waiting == 0
+        replica.set_position("app.db", 2)
+        thread.join(20)
+    assert result == [True]
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    waiters = Waiters(watcher)
+    waiters.start(1, {"app.db": 3})  # admitted under max_waiters=1, and woken by a poller
+    wait_until(lambda: watcher.waiting == 1, 10, "the waiter")
+    replica.set_position("app.db", 3)
+    waiters.join()
+    assert waiters.results[1][0] is True
+
+
 def test_max_waiters_makes_the_middleware_answer_503_with_retry_after(replica):
     calls: list = []
     mw = LiteFSMiddleware(
