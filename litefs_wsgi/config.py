@@ -19,7 +19,10 @@ class ConfigError(ValueError):
 
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")  # ASCII digits, as Go
+# Go's time.ParseDuration stops at 2**63-1 ns (2562047h47m16.854775807s); the whole seconds
+# under it, since Python's waits and socket timeouts overflow on the float of Go's limit.
+_MAX_SECONDS = 9223372036
 
 
 def parse_duration(value: Any, name: str = "duration") -> float:
@@ -27,22 +30,28 @@ def parse_duration(value: Any, name: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name}: expected a duration such as 5s or 250ms, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            seconds = math.inf
     elif isinstance(value, str):
         seconds = _parse_go_duration(value.strip(), name)
     else:
         raise ConfigError(f"{name}: expected a duration such as 5s or 250ms, got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds) or seconds < 0:
         raise ConfigError(f"{name}: must be a duration of zero or more, got {value!r}")
+    if seconds > _MAX_SECONDS:
+        raise ConfigError(f"{name}: {value!r} is too long (at most 2562047h47m16s)")
     return seconds
 
 
 def _parse_go_duration(text: str, name: str) -> float:
-    try:
-        return float(text)  # plain seconds, as a number written in a string
-    except ValueError:
-        pass
-    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    if text.isascii():  # float() would also take other scripts' digits
+        try:
+            return float(text)  # plain seconds, as a number written in a string
+        except ValueError:
+            pass
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text[1:] if text.startswith("+") else text)
     if body == "0":
         return 0.0
     pos, total = 0, 0.0
@@ -421,7 +430,7 @@ def read_yaml(path: str, env: Mapping[str, str] | None = None, expand_env: bool 
         text = expand(text, env)
     try:
         doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int past Python's 4300 digits
         raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path!r}: expected a mapping at the top level")

@@ -1,9 +1,16 @@
 """Options: LiteFS's defaults, Go durations, litefs.yml files, the environment, errors naming the option."""
 
+import dataclasses
+import datetime
 import os
+import re
 import textwrap
+import threading
+from email.utils import parsedate_to_datetime
 
 import pytest
+from servers import serve
+from werkzeug.test import Client
 
 from litefs_wsgi import Config, ConfigError, LiteFSMiddleware
 from litefs_wsgi.config import expand, parse_duration, read_yaml
@@ -26,6 +33,18 @@ def write(tmp_path, text, name="litefs.yml"):
 def app(environ, start_response):
     start_response("200 OK", [])
     return [b""]
+
+
+def counting_writer(mount):
+    """A write that moves app.db's position by one, as a committed transaction does."""
+
+    def wrote(environ, start_response):
+        txid = mount.position("app.db") + 1
+        mount.set_position("app.db", txid)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"wrote %d" % txid]
+
+    return wrote
 
 
 # -- defaults ------------------------------------------------------------------------------
@@ -126,7 +145,14 @@ def test_durations(value, seconds):
 
 @pytest.mark.parametrize(
     "value",
-    ["-5s", "-1", -1, -0.5, "5x", "5 s", "s", "", "-", "1m-30s", "abc", "inf", "nan", float("nan"), True, None, [5]],
+    [
+        *["-5s", "-1", -1, -0.5, "5x", "5 s", "s", "", "-", "1m-30s", "abc", "inf", "nan", float("nan")],
+        *[True, None, [5]],
+        *["++5s", "+-5s", "--5s", "\u0665s", "\u0665", "1\u0665ms"],  # Go: one sign at most, ASCII digits only
+        *["2562048h", "2562047h47m17s", 9223372037],  # past Go's longest
+        pytest.param(10**400, id="400-digit-int"),
+        pytest.param("1" * 400 + "ns", id="400-digit-ns"),
+    ],
 )
 def test_bad_durations_are_errors_naming_the_option(value):
     with pytest.raises(ConfigError, match="^poll_timeout: "):
@@ -141,6 +167,47 @@ def test_every_duration_option_takes_go_strings(name):
     assert getattr(Config(db="app.db", **{name: "1m30s"}), name) == 90.0
     with pytest.raises(ConfigError, match=f"^{name}: "):
         Config(db="app.db", **{name: "-1s"})
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config) if f.type == "float"])
+def test_a_duration_past_gos_longest_is_an_error_naming_the_option(name, tmp_path):
+    # Go's time.ParseDuration stops at 2562047h47m16.854775807s; longer ones overflowed
+    # Python's waits and socket timeouts at the first request, or formatting the cookie.
+    for value in ("2562048h", "3000000h", "1000000000h", 10**12):
+        with pytest.raises(ConfigError, match=f"^{name}: .* is too long \\(at most 2562047h47m16s\\)$"):
+            Config(db="app.db", **{name: value})
+    assert getattr(Config(db="app.db", **{name: "2562047h47m16s"}), name) == 9223372036
+    # YAML reads an integer of 400 digits as an int: float() of it raised OverflowError.
+    path = write(tmp_path, f"proxy:\n  db: app.db\n  {name.replace('_', '-')}: {'9' * 400}\n")
+    with pytest.raises(ConfigError, match=f"^{name}: .* is too long"):
+        Config.from_yaml(path)
+
+
+def test_an_integer_past_pythons_digit_limit_in_yaml_is_a_config_error(tmp_path):
+    path = write(tmp_path, f"proxy:\n  db: app.db\n  poll-timeout: {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        Config.from_yaml(path)
+
+
+def test_the_longest_durations_serve(mount, replica, tmp_path):
+    """Every duration at its longest accepted value works where it is used: the read's wait,
+    the cookie's Expires, the forward's connect and read timeouts."""
+    longest = {f.name: "2562047h47m16s" for f in dataclasses.fields(Config) if f.type == "float"}
+    longest.pop("poll_interval")  # how often a waiting read looks, not a bound
+    mount.set_position("app.db", 1)
+    primary = LiteFSMiddleware(counting_writer(mount), db="app.db", mount_dir=mount.path, **longest)
+    with serve(primary) as url:
+        node = LiteFSMiddleware(app, db="app.db", mount_dir=replica.path, forward="http", primary_url=url, **longest)
+        client = Client(node)
+        answer = client.post("/")
+        assert answer.status_code == 200 and answer.text == "wrote 2"
+        cookie = answer.headers["Set-Cookie"]
+        expires = parsedate_to_datetime(re.search("Expires=([^;]+)", cookie)[1])
+        assert expires.year > datetime.datetime.now(datetime.timezone.utc).year + 290
+        # A read waiting for TXID 2 on the replica, which gets there a moment later.
+        threading.Timer(0.2, replica.set_position, ("app.db", 2)).start()
+        client.set_cookie("__txid", "0000000000000002")
+        assert client.get("/").status_code == 200
 
 
 def test_poll_interval_zero_is_an_error():
