@@ -141,7 +141,7 @@ def _url(value: Any, name: str, *, template: bool = False, given: str | None = N
     if template:
         try:
             probe = text.format(hostname="primary", port="8080")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {hostname.x}, {port[x]}
             raise ConfigError(
                 f"{name}: {shown!r} may only use {{hostname}} and {{port}} (e.g. 'http://{{hostname}}:{{port}}')"
             ) from exc

@@ -85,3 +85,18 @@ def test_a_url_that_cannot_be_parsed_is_an_error_as_written(name, value, why):
 def test_primary_url_may_be_a_fixed_address(url):
     # A static lease's one primary, or a name that always points at the primary.
     assert Config(db="app.db", primary_url=url).primary_url == url
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["http://{hostname.vm.myapp.internal}:{port}", "http://{hostname[vm]}:{port}", "http://{hostname}:{port.real}"],
+)
+def test_a_primary_url_template_with_more_than_plain_names_is_an_error_naming_it(template):
+    # str.format raised AttributeError or TypeError for these, not a ConfigError.
+    message = f"primary_url: {template!r} may only use {{hostname}} and {{port}} (e.g. 'http://{{hostname}}:{{port}}')"
+    with pytest.raises(ConfigError) as error:
+        Config(db="app.db", primary_url=template)
+    assert str(error.value) == message
+    with pytest.raises(ConfigError) as error:
+        Config.load(env={"LITEFS_PROXY_PRIMARY_URL": template}, db="app.db")
+    assert str(error.value) == f"{message} (set by LITEFS_PROXY_PRIMARY_URL)"

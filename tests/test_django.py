@@ -173,6 +173,10 @@ def django_command(mount: LiteFSMount, *args: str, **env: str) -> subprocess.Com
         ({"pol_timeout": "1s"}, "settings.LITEFS: unknown option 'pol_timeout'; did you mean 'poll_timeout'?"),
         ({"db": None}, "settings.LITEFS: no 'db': name the database file in the LiteFS mount"),
         ({"target": "localhost:99999"}, "settings.LITEFS['target']: 'localhost:99999' is not a valid URL"),
+        (
+            {"primary_url": "http://{hostname.vm.myapp.internal}:{port}"},
+            "settings.LITEFS['primary_url']: 'http://{hostname.vm.myapp.internal}:{port}' may only use {hostname}",
+        ),
     ],
 )
 def test_manage_py_check_reports_a_bad_litefs_setting(cluster, litefs, message):

@@ -213,6 +213,13 @@ def test_extension_bad_value_names_its_config_key(cluster):
     assert str(error.value) == (
         "target: 'https://[::1' is not a valid URL: Invalid IPv6 URL (set by app.config[\"LITEFS_TARGET\"])"
     )
+    # A template str.format cannot fill with plain names raised AttributeError.
+    app = create_app(primary)
+    app.config.update(LITEFS_DB="app.db", LITEFS_DIR=primary.path, LITEFS_PRIMARY_URL="http://{hostname.vm}:{port}")
+    with pytest.raises(ConfigError) as error:
+        LiteFS(app)
+    assert str(error.value).startswith("primary_url: 'http://{hostname.vm}:{port}' may only use {hostname}")
+    assert str(error.value).endswith('(set by app.config["LITEFS_PRIMARY_URL"])')
     # A keyword argument is the caller's own: no key to name.
     with pytest.raises(ConfigError, match=r"^max_lag: 'soon' is not a duration") as error:
         LiteFS(create_app(primary), db="app.db", mount_dir=primary.path, max_lag="soon")
