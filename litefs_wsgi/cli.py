@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
     serve.add_argument("--bind", help="address to listen on (default: proxy.addr)")
-    serve.add_argument("--workers", type=int, help="gunicorn worker processes (default 2)")
-    serve.add_argument("--threads", type=int, help="threads per worker (default 32)")
+    serve.add_argument("--workers", help="gunicorn worker processes (default 2)")
+    serve.add_argument("--threads", help="threads per worker (default 32)")
 
     status = commands.add_parser("status", help="print the node's role, the primary, positions and lag")
     status.add_argument("--config", help="litefs.yml-style file (default: $LITEFS_WSGI_CONFIG)")
@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_serve(args: argparse.Namespace, gunicorn_args: list[str] = ()) -> int:
     """gunicorn with ``gunicorn_conf``'s settings, then ``GUNICORN_CMD_ARGS``, then
     ``gunicorn_args`` (the options ``serve`` does not own), then ``--bind/--workers/--threads``."""
+    from .config import _count
+
+    for option in ("workers", "threads"):
+        if getattr(args, option) is not None:
+            setattr(args, option, _count(getattr(args, option), "--" + option))
     for name, value in (
         ("LITEFS_WSGI_CONFIG", args.config),
         ("GUNICORN_BIND", args.bind),

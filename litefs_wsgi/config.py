@@ -92,6 +92,16 @@ def _int(value: Any, name: str) -> int:
     return number
 
 
+def _count(value: Any, name: str) -> int:
+    """A number of processes or threads, as written in the environment or on a command line:
+    1 or more in ASCII digits (int() takes other scripts' digits; gunicorn serves nothing with
+    0 workers, and its workers crash with 0 threads)."""
+    text = value.strip() if isinstance(value, str) else ""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigError(f"{name}: expected a whole number of 1 or more, got {value!r}")
+    return int(text)
+
+
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, got {value!r}")

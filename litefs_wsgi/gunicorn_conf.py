@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 
-from litefs_wsgi.config import Config, ConfigError
+from litefs_wsgi.config import Config, ConfigError, _count
 
 
 def _installed(module: str) -> bool:
@@ -31,6 +31,8 @@ try:
         raise ConfigError("target: set proxy.target in the config file, or LITEFS_PROXY_TARGET=localhost:8081")
     if _config.metrics_path and not _installed("prometheus_client"):
         raise ConfigError("metrics_path: serving metrics needs prometheus_client: pip install 'litefs-wsgi[metrics]'")
+    _workers = _count(os.environ.get("GUNICORN_WORKERS") or "2", "GUNICORN_WORKERS")
+    _threads = _count(os.environ.get("GUNICORN_THREADS") or "32", "GUNICORN_THREADS")
 except ConfigError as exc:
     print(f"litefs-wsgi: {exc}", file=sys.stderr)
     sys.exit(2)  # as the litefs-wsgi command does for a bad option
@@ -44,8 +46,8 @@ bind = os.environ.get("GUNICORN_BIND") or ("0.0.0.0" + _config.addr if _config.a
 # Threaded workers: a read waiting for replication, a forwarded upload or an open WebSocket
 # each hold one thread, so threads bound how many of those a worker serves at once.
 worker_class = "gthread"
-workers = int(os.environ.get("GUNICORN_WORKERS") or 2)
-threads = int(os.environ.get("GUNICORN_THREADS") or 32)
+workers = _workers  # GUNICORN_WORKERS, default 2
+threads = _threads  # GUNICORN_THREADS, default 32
 
 # A worker silent this long is restarted; kept well above the longest wait for replication.
 timeout = int(max(30, 2 * _config.poll_timeout + 10))

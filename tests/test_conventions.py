@@ -104,6 +104,33 @@ def test_serve_refuses_what_it_cannot_honour(tmp_path):
     assert proc.returncode == 2 and "unrecognized arguments: --timeout 5" in proc.stderr
 
 
+def test_workers_and_threads_that_are_not_counts_are_errors_naming_them(tmp_path):
+    # gunicorn served nothing with 0 workers, crashed its workers with 0 threads, and a
+    # GUNICORN_WORKERS of "x" was a traceback.
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    config = proxy_config(tmp_path, mount, "127.0.0.1:9")
+    port = free_port()
+    for args in (["--workers", "0"], ["--threads", "0"], ["--workers", "-1"], ["--threads", "two"]):
+        command = litefs_wsgi("serve", "--config", config, "--bind", f"127.0.0.1:{port}", *args)
+        proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=60)
+        message = f"litefs-wsgi: {args[0]}: expected a whole number of 1 or more, got {args[1]!r}"
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    settings = ["-c", "python:litefs_wsgi.gunicorn_conf", "--bind", f"127.0.0.1:{port}"]
+    for variable, value in (("GUNICORN_WORKERS", "0"), ("GUNICORN_WORKERS", "x"), ("GUNICORN_THREADS", "1.5")):
+        env = clean_env(LITEFS_WSGI_CONFIG=config, **{variable: value})
+        proc = subprocess.run(
+            [sys.executable, "-m", "gunicorn", *settings],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(tmp_path),
+        )
+        message = f"litefs-wsgi: {variable}: expected a whole number of 1 or more, got {value!r}"
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_version():
     proc = subprocess.run(litefs_wsgi("--version"), capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, f"litefs-wsgi {__version__}\n")
