@@ -115,20 +115,18 @@ def run_serve(args: argparse.Namespace, gunicorn_args: list[str] = ()) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """Print the node's state; exit 1 when the mount is not LiteFS's or the API cannot be reached."""
-    from .config import _api_url, options_from_env, read_yaml
+    from .config import _api_url, _databases, _str, options_and_sources, with_source
     from .node import Node, describe_mount_problem, mount_problem
     from .watcher import Watcher
 
-    options = (
-        read_yaml(args.config or os.environ["LITEFS_WSGI_CONFIG"])
-        if (args.config or os.environ.get("LITEFS_WSGI_CONFIG"))
-        else {}
-    )
-    options.update(options_from_env(os.environ))
-    mount_dir = args.dir or options.get("mount_dir") or "/litefs"
-    dbs = args.db or options.get("db") or _databases_in(mount_dir)
-    dbs = [dbs] if isinstance(dbs, str) else dbs
-    api_url = _api_url(args.api_url or options.get("api_url"), "api_url")
+    env = {**os.environ, "LITEFS_WSGI_CONFIG": args.config} if args.config else os.environ
+    options, sources = options_and_sources(env)
+    try:  # checked as Config checks them: a comma list in LITEFS_PROXY_DB is several databases
+        mount_dir = args.dir or (_str(options["mount_dir"], "mount_dir") if "mount_dir" in options else "/litefs")
+        dbs = args.db or (_databases(options["db"], "db") if "db" in options else _databases_in(mount_dir))
+        api_url = _api_url(args.api_url, "--api-url") if args.api_url else _api_url(options.get("api_url"), "api_url")
+    except ConfigError as exc:
+        raise with_source(exc, sources) from None
     node = Node(mount_dir)
     info = _info(api_url) if api_url else None
     problem = mount_problem(mount_dir)  # as LiteFSMiddleware judges it at start-up

@@ -361,9 +361,9 @@ class Config:
         try:
             return cls(**options)
         except ConfigError as exc:
-            name = str(exc).partition(":")[0]
-            if sources and name in sources:
-                raise ConfigError(f"{exc} (set by {sources[name]})") from None
+            sourced = with_source(exc, sources or {})
+            if sourced is not exc:
+                raise sourced from None
             raise
 
     @classmethod
@@ -376,19 +376,31 @@ class Config:
     def load(cls, env: Mapping[str, str] | None = None, **options: Any) -> Config:
         """Options from the file in ``LITEFS_WSGI_CONFIG``, then ``LITEFS_DIR`` and
         ``LITEFS_PROXY_<OPTION>`` from the environment, then ``options``; later ones win."""
-        env = os.environ if env is None else env
-        merged: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        if env.get("LITEFS_WSGI_CONFIG"):
-            merged.update(read_yaml(env["LITEFS_WSGI_CONFIG"], env))
-            sources.update(yaml_sources(merged, env["LITEFS_WSGI_CONFIG"]))
-        from_env = options_from_env(env)
-        merged.update(from_env)
-        sources.update({name: "LITEFS_DIR" if name == "mount_dir" else env_name(name) for name in from_env})
+        merged, sources = options_and_sources(os.environ if env is None else env)
         merged.update(options)
         for name in options:
             sources.pop(name, None)
         return cls.create(merged, sources)
+
+
+def options_and_sources(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options the file in ``LITEFS_WSGI_CONFIG``, then ``LITEFS_DIR`` and
+    ``LITEFS_PROXY_<OPTION>`` set (later ones win), unchecked, and where each was set."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if env.get("LITEFS_WSGI_CONFIG"):
+        merged.update(read_yaml(env["LITEFS_WSGI_CONFIG"], env))
+        sources.update(yaml_sources(merged, env["LITEFS_WSGI_CONFIG"]))
+    from_env = options_from_env(env)
+    merged.update(from_env)
+    sources.update({name: "LITEFS_DIR" if name == "mount_dir" else env_name(name) for name in from_env})
+    return merged, sources
+
+
+def with_source(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:
+    """``exc``, or a copy saying where its option was set when ``sources`` knows."""
+    name = str(exc).partition(":")[0]
+    return ConfigError(f"{exc} (set by {sources[name]})") if name in sources else exc
 
 
 def env_name(option: str) -> str:

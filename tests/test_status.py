@@ -181,3 +181,40 @@ def test_a_mistyped_variable_is_exit_2_naming_it(mount):
     assert proc.returncode == 2
     assert "litefs-wsgi: unknown environment variable LITEFS_PROXY_POLL_TIMOUT" in proc.stderr
     assert "did you mean LITEFS_PROXY_POLL_TIMEOUT?" in proc.stderr
+
+
+def test_a_comma_list_in_litefs_proxy_db_is_several_databases(mount):
+    # As Config reads it: status read the list as one name, "app.db,other.db".
+    mount.make_primary()
+    mount.set_position("app.db", 2)
+    mount.set_position("other.db", 5)
+    out = lines(status("--dir", mount.path, env={"LITEFS_PROXY_DB": "app.db,other.db"}))
+    assert out["db app.db"].startswith("TXID 0000000000000002 (2)")
+    assert out["db other.db"].startswith("TXID 0000000000000005 (5)")
+    assert "db app.db,other.db" not in out
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("proxy:\n  db: 5\n", "db: expected a list of strings, got 5 (set by proxy.db in "),
+        ("proxy:\n  db: [1]\n", "db: expected a list of strings, got [1] (set by proxy.db in "),
+        ("proxy:\n  db: sub/app.db\n", "db: 'sub/app.db' is not a database file name in the mount"),
+        ("fuse:\n  dir: 5\nproxy:\n  db: app.db\n", "mount_dir: expected a string, got 5 (set by fuse.dir in "),
+    ],
+)
+def test_a_bad_db_or_fuse_dir_in_the_file_is_exit_2_naming_it(mount, tmp_path, yaml, message):
+    # They were a TypeError traceback, exit 1.
+    mount.make_primary()
+    config = tmp_path / "litefs.yml"
+    config.write_text(yaml)
+    proc = subprocess.run(
+        [sys.executable, "-m", "litefs_wsgi.cli", "status", "--config", str(config)],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "FLY_"))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"litefs-wsgi: {message}") and "Traceback" not in proc.stderr
