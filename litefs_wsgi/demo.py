@@ -26,7 +26,7 @@ from pathlib import Path
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from .config import parse_duration
+from .config import ConfigError, parse_duration
 from .middleware import LiteFSMiddleware
 from .node import Node
 from .testing import LiteFSMount
@@ -302,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
     lag = parse_duration(args.lag, "--lag")
     poll_timeout = parse_duration(args.poll_timeout, "--poll-timeout")
     port = args.port if args.port is not None else (0 if args.check else 8080)
+    if not 0 <= port <= 65534:  # else an OverflowError from bind()
+        raise ConfigError(f"--port: expected 0 (any) or 1 to 65534 (the primary takes the next port), got {port}")
     try:
         import flask  # noqa: F401
     except ImportError:
@@ -315,10 +317,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         # A signal while the mounts are made waits until there is a cluster to stop.
         with _stop_signals_blocked():
-            cluster = Cluster(port, lag, args.dir, poll_timeout, quiet=args.check)
             try:
+                cluster = Cluster(port, lag, args.dir, poll_timeout, quiet=args.check)
                 cluster.start()
             except (OSError, SystemExit) as exc:  # werkzeug exits when a port is taken
+                if cluster is None:  # the mounts could not be made: --dir is a file, or not writable
+                    print(f"litefs-wsgi demo: cannot make the mounts: {exc}; try another --dir", file=sys.stderr)
+                    return 2
                 ports = f"{port} and {port + 1}" if port else "any port"
                 detail = "" if isinstance(exc, SystemExit) else f": {exc}"
                 print(f"litefs-wsgi demo: cannot listen on {HOST} ({ports}){detail}; try --port 0", file=sys.stderr)

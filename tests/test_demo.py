@@ -202,3 +202,20 @@ def test_check_stops_cleanly_on_sigterm_while_it_starts(tmp_path):
     finally:
         stop(proc)
     assert os.listdir(tmp) == [] and "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "-3"], "litefs-wsgi: --port: expected 0 (any) or 1 to 65534 (the primary takes the next port), "),
+        (["--port", "65535"], "litefs-wsgi: --port: expected 0 (any) or 1 to 65534"),
+        (["--dir", "{file}"], "litefs-wsgi demo: cannot make the mounts: [Errno 20] Not a directory: "),
+    ],
+)
+def test_a_bad_port_or_dir_is_exit_2_saying_why(tmp_path, args, message):
+    # An OverflowError and a NotADirectoryError traceback before.
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    result = run_check(*(arg.format(file=file) for arg in args))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(message) and "Traceback" not in result.stderr, result.stderr
