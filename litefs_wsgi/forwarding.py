@@ -498,14 +498,28 @@ def _until_closed(rest: bytes, sock: socket.socket) -> Iterator[bytes]:
 class _Body:
     """An answer's body for the WSGI server; ``close()`` (which the server calls) ends it."""
 
-    __slots__ = ("_chunks", "_on_end", "_answer", "_finished", "_relayed")
+    __slots__ = ("_chunks", "_on_end", "_answer", "_finished", "_relayed", "_first")
 
     def __init__(self, chunks: Iterator[bytes], on_end: Callable[[bool], None], answer: Answer) -> None:
         self._chunks, self._on_end, self._answer = chunks, on_end, answer
         self._finished = False
         self._relayed = 0
+        self._first: bytes | None = None
+
+    def start(self) -> None:
+        """Read the body's first item now, for ``__iter__`` to yield first; a failure before
+        it raises here, the connection closed."""
+        try:
+            self._first = next(self._chunks, None)
+        except BaseException:
+            self.close()
+            raise
 
     def __iter__(self) -> Iterator[bytes]:
+        first, self._first = self._first, None
+        if first is not None:
+            self._relayed += len(first)
+            yield first
         for chunk in self._chunks:
             self._relayed += len(chunk)
             yield chunk
@@ -739,21 +753,36 @@ class Forwarder:
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
-        line, relay = answer.line, answer.relay  # a head copied from a template has both
-        start_response(
-            line if line is not None else answer.status_line(),
-            list(relay) if relay is not None else answer.relayed(),
-        )
         rest, length = answer.rest, answer.length
         if length is not None and len(rest) >= length:
             # The whole body came with the head (body_of's first case, without its calls).
+            line, relay = answer.line, answer.relay  # a head copied from a template has both
+            start_response(
+                line if line is not None else answer.status_line(),
+                list(relay) if relay is not None else answer.relayed(),
+            )
             self._release(dest, conn, answer.keep_alive and len(rest) == length)
             return [rest[:length]] if length else []
         splice = self.splice
         client = environ.get("gunicorn.socket") if splice != "never" else None
-        return body_of(
-            answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client, splice == "remote"
-        )
+        # The body's first item is read before start_response, so that a target failing
+        # before it gets the proxy's own 502 or 504 (no server sends the head before that
+        # item anyway). Not by a second start_response with exc_info: gunicorn adds its
+        # headers to the first call's, two Content-Length in one head.
+        try:
+            body = body_of(
+                answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client, splice == "remote"
+            )
+            if type(body) is _Body:
+                body.start()
+        except (socket.timeout, BlockingIOError):
+            why = f"no answer from {dest.netloc} within {self.read_timeout:g}s"
+            return self.failed(environ, start_response, 504, dest.netloc, why, cause="timeout", mark=mark)
+        except (OSError, BadAnswer, httptools.HttpParserError) as exc:
+            why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
+            return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
+        start_response(answer.status_line(), answer.relayed())
+        return body
 
     def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):
         rewindable = body is None or isinstance(body, bytes)
@@ -834,6 +863,8 @@ def _ignore(cause: str, to_primary: bool) -> None:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, BadAnswer):
         return str(exc)
+    if isinstance(exc, httptools.HttpParserError):  # a bad chunk: llhttp says what was wrong
+        return str(exc) or type(exc).__name__
     return type(exc).__name__
 
 

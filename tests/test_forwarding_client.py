@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from servers import RawServer, free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
+from servers import ROOT, RawServer, free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
 from test_faults import read_all
 from werkzeug.test import EnvironBuilder
 
@@ -447,6 +447,57 @@ def test_answer_with_ambiguous_framing_is_a_502_at_once(upstream_factory, answer
     status, headers, body = forward(forwarder, upstream.url, "GET", "/")
     assert status == 502, body  # not a 504 after read_timeout: refused as it arrived
     assert body.startswith(f"Proxy error: 127.0.0.1:{upstream.port} closed the connection or sent a bad".encode())
+
+
+# A head, then a failure before the body's first byte: (what the target sends, the code, the
+# cause); ("bytes", "close"): sent, then the connection closed.
+FAILS_BEFORE_THE_BODY = {
+    "bad-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n", 502, "protocol"),
+    "closed": ((b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "close"), 502, "protocol"),
+    "silent": (b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nContent-Length: 10\r\n\r\n", 504, "timeout"),
+}
+
+
+def _proxy_error(code: int, port: int) -> bytes:
+    if code == 504:
+        return f"Proxy error: no answer from 127.0.0.1:{port} within 1s\n".encode()
+    return f"Proxy error: 127.0.0.1:{port} closed the connection or sent a bad response (".encode()
+
+
+@pytest.mark.parametrize("kind", FAILS_BEFORE_THE_BODY)
+def test_a_target_failing_before_the_body_gets_the_proxys_error(upstream_factory, kind):
+    sent, code, cause = FAILS_BEFORE_THE_BODY[kind]
+    upstream = upstream_factory(lambda request, n: sent)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=1)
+    causes = []
+    forwarder.on_failure = lambda cause, to_primary: causes.append(cause)
+    status, headers, body = forward(forwarder, upstream.url, "GET", "/x")
+    assert (status, causes) == (code, [cause]), body
+    assert body.startswith(_proxy_error(code, upstream.port))
+    assert "Set-Cookie" not in dict(headers)  # nothing of the failed answer's head
+    assert pooled(forwarder) == []
+
+
+@pytest.mark.parametrize("kind", FAILS_BEFORE_THE_BODY)
+def test_a_target_failing_before_the_body_gets_the_proxys_error_from_gunicorn(tmp_path, upstream_factory, kind):
+    sent, code, _ = FAILS_BEFORE_THE_BODY[kind]
+    upstream = upstream_factory(lambda request, n: sent)
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{upstream.port}", read_timeout="1s")
+    env = {"LITEFS_WSGI_CONFIG": config, "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "1"}
+    with gunicorn(["-c", os.path.join(ROOT, "gunicorn.conf.py")], env=env) as (url, proc):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as client:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = read_all(client)
+        logged = f"forward GET /x to 127.0.0.1:{upstream.port} failed, answered {code}".encode()
+        wait_until(lambda: any(logged in line for line in list(proc.output)), 20, "the failure logged")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % code), answer
+    assert body.startswith(_proxy_error(code, upstream.port)) and body.endswith(b"\n"), answer
+    # The proxy's error alone: one framing, none of the failed answer's headers.
+    assert head.lower().count(b"content-length: ") == 1 and f"Content-Length: {len(body)}".encode() in head
+    assert b"Set-Cookie" not in head and b"Transfer-Encoding" not in head
 
 
 # -- the request head: header lines made once per client ----------------------------------------
