@@ -717,7 +717,9 @@ class Forwarder:
         # werkzeug's parse only for a length sent: a GET has none.
         length = None if chunked or "CONTENT_LENGTH" not in environ else get_content_length(environ)
         try:
-            head = request_head(environ, method, dest.prefix + request_target(environ), mark, chunked, length)
+            head = request_head(
+                environ, method, dest.prefix + request_target(environ), mark, chunked, length, dest.netloc
+            )
             body: bytes | Iterator[bytes] | None = None
             if chunked:
                 body = _chunked_body(get_input_stream(environ))
@@ -1014,9 +1016,14 @@ _NAMES: dict[str, tuple[str, str] | None] = {}  # environ key: _name_of(key), fo
 
 
 def request_headers(
-    environ: dict, mark: bool = False, chunked: bool = False, length: int | None | bool = False
+    environ: dict,
+    mark: bool = False,
+    chunked: bool = False,
+    length: int | None | bool = False,
+    netloc: str | None = None,
 ) -> dict[str, str]:
-    """The headers to send on: hop-by-hop ones dropped, ``X-Forwarded-*`` added, ``Host`` kept."""
+    """The headers to send on: hop-by-hop ones dropped, ``X-Forwarded-*`` added, ``Host`` kept
+    (or, when the client sent none, ``netloc``'s host and port, as Go's proxy sends)."""
     connection = environ.get("HTTP_CONNECTION")
     named = _connection_tokens(connection) if connection else ()
     headers: dict[str, str] = {}
@@ -1052,23 +1059,33 @@ def request_headers(
     headers.setdefault("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http"))
     if "Host" in headers:
         headers.setdefault("X-Forwarded-Host", headers["Host"])
+    elif netloc:
+        # An HTTP/1.0 request may come without Host; it goes on as HTTP/1.1, which must have one.
+        headers["Host"] = netloc.rpartition("@")[2]
     if mark:
         headers[HOP_HEADER] = "1"
     return headers
 
 
 def request_head(
-    environ: dict, method: str, target: str, mark: bool = False, chunked: bool = False, length: int | None = None
+    environ: dict,
+    method: str,
+    target: str,
+    mark: bool = False,
+    chunked: bool = False,
+    length: int | None = None,
+    netloc: str | None = None,
 ) -> bytes:
-    """The request's head as it goes out, in one piece; ValueError when it could be read
-    two ways (a method or name that is not a token, a line break in a value)."""
+    """The request's head as it goes out, in one piece, to ``netloc`` (for a request without
+    ``Host``); ValueError when it could be read two ways (a method or name that is not a
+    token, a line break in a value)."""
     if not _TARGET.fullmatch(target):
         raise ValueError("not a well-formed request head")
     if method not in _TOKENS_SEEN:
         _check_tokens((method,))
-    block = None if chunked else _known_block(environ, mark, length)
+    block = None if chunked else _known_block(environ, mark, length, netloc)
     if block is None:
-        block = _header_block(request_headers(environ, mark, chunked, length))
+        block = _header_block(request_headers(environ, mark, chunked, length, netloc))
     return f"{method} {target} HTTP/1.1\r\n{block}".encode("latin-1")
 
 
@@ -1106,7 +1123,7 @@ _blocks_bytes = 0
 _ALWAYS_UNSEEN = itertools.repeat(("", ""))  # for an environ key _NAMES has no entry for yet
 
 
-def _block_key(environ: dict, mark: bool, length: int | None) -> tuple:
+def _block_key(environ: dict, mark: bool, length: int | None, netloc: str | None) -> tuple:
     # The environ's header items, picked out in C: _NAMES maps the other keys to None. A key
     # not seen yet is kept in: its request makes the lines afresh (request_headers learns it).
     return (
@@ -1116,23 +1133,24 @@ def _block_key(environ: dict, mark: bool, length: int | None) -> tuple:
         environ.get("wsgi.url_scheme"),
         mark,
         length,
+        netloc,  # the Host of a request that has none
     )
 
 
-def _known_block(environ: dict, mark: bool, length: int | None) -> str | None:
+def _known_block(environ: dict, mark: bool, length: int | None, netloc: str | None) -> str | None:
     """``_header_block(request_headers(...))`` for this request: the kept one, or made now
     and kept; None when its environ holds a value no WSGI server gives (not hashable)."""
     global _blocks_bytes
-    key = _block_key(environ, mark, length)
+    key = _block_key(environ, mark, length, netloc)
     try:
         block = _BLOCKS.get(key)
     except TypeError:
         return None
     if block is None:
         names = len(_NAMES)
-        block = _header_block(request_headers(environ, mark, False, length))
+        block = _header_block(request_headers(environ, mark, False, length, netloc))
         if len(_NAMES) != names:  # keys it had not seen: without them in it, the key is another
-            key = _block_key(environ, mark, length)
+            key = _block_key(environ, mark, length, netloc)
         size = 2 * len(block)  # the lines, and about as much in the key's values
         if len(_BLOCKS) >= BLOCKS_MAX or _blocks_bytes + size > BLOCKS_BYTES:
             _BLOCKS.clear()

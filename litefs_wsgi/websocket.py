@@ -53,7 +53,7 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
         return forwarder.failed(environ, start_response, 502, netloc, describe(exc, netloc), cause="connect")
     try:
         upstream.settimeout(forwarder.read_timeout or None)
-        upstream.sendall(upgrade_request(environ, base.path))
+        upstream.sendall(upgrade_request(environ, base.path, netloc))
         # The head only: the first frames a target sends right behind its 101 stay in
         # answer.rest, for the client.
         answer = read_answer(upstream, environ["REQUEST_METHOD"])
@@ -111,11 +111,11 @@ def connect(base, connect_timeout: float) -> socket.socket:
     return sock
 
 
-def upgrade_request(environ: dict, base_path: str = "") -> bytes:
-    """The upgrade request's head for the target: the request target byte for byte, the
-    headers as for any forwarded request but with ``Upgrade``, ``Connection: Upgrade`` and
-    every ``Sec-WebSocket-*`` header kept."""
-    headers = request_headers(environ)
+def upgrade_request(environ: dict, base_path: str = "", netloc: str | None = None) -> bytes:
+    """The upgrade request's head for the target (``netloc``): the request target byte for
+    byte, the headers as for any forwarded request but with ``Upgrade``, ``Connection:
+    Upgrade`` and every ``Sec-WebSocket-*`` header kept."""
+    headers = request_headers(environ, netloc=netloc)
     source = EnvironHeaders(environ)
     for name, value in source.items():
         if name.lower().startswith("sec-websocket-"):

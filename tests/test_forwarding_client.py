@@ -559,13 +559,56 @@ def test_each_head_sent_is_the_one_made_afresh_for_its_request():
             kept = dict(forwarding._BLOCKS)
             forwarding._BLOCKS.clear()
             target = forwarding.request_target(environ)
-            fresh = forwarding.request_head(environ, environ["REQUEST_METHOD"], target, length=len(body) or None)
+            netloc = f"127.0.0.1:{upstream.port}"
+            fresh = forwarding.request_head(
+                environ, environ["REQUEST_METHOD"], target, length=len(body) or None, netloc=netloc
+            )
             assert upstream.received.pop() == fresh + body
             forwarding._BLOCKS.update(kept)
         # One set of lines per distinct set of headers: the paths /a, /b and /c share one.
         assert len(forwarding._BLOCKS) == len(variants) - 2
     finally:
         upstream.close()
+
+
+def test_a_request_without_host_gets_the_host_of_each_destination():
+    # HTTP/1.1, as every request goes on, must have a Host: one without gets its
+    # destination's, which the kept header lines must not carry to another destination.
+    a, b = RecordsHeads(), RecordsHeads()
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    try:
+        for upstream in (a, b, a, b):
+            environ = EnvironBuilder(path="/x", headers={"Accept": "*/*"}).get_environ()
+            del environ["HTTP_HOST"]
+            environ["REMOTE_ADDR"] = "127.0.0.1"
+            assert forward_environ(forwarder, upstream.url, environ)[0] == 200
+            hosts = re.findall(rb"\r\nHost: ([^\r]*)", upstream.received[-1], re.IGNORECASE)
+            assert hosts == [f"127.0.0.1:{upstream.port}".encode()]
+        environ = EnvironBuilder(path="/x", headers={"Accept": "*/*", "Host": "app.example"}).get_environ()
+        environ["REMOTE_ADDR"] = "127.0.0.1"
+        assert forward_environ(forwarder, a.url, environ)[0] == 200
+        assert re.findall(rb"\r\nHost: ([^\r]*)", a.received[-1], re.IGNORECASE) == [b"app.example"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("upgrade", [b"", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"], ids=["get", "websocket"])
+def test_an_http_1_0_request_without_host_reaches_the_target_with_its_host(tmp_path, upgrade):
+    upstream = RecordsHeads()
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    try:
+        with standalone_proxy(proxy_config(tmp_path, mount, f"127.0.0.1:{upstream.port}")) as url:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as client:
+                client.sendall(b"GET /x HTTP/1.0\r\n" + upgrade + b"\r\n")
+                answer = read_all(client)
+    finally:
+        upstream.close()
+    assert answer.startswith(b"HTTP/1.0 200 ") and answer.endswith(b"\r\n\r\nok"), answer
+    (head,) = upstream.received
+    assert head.startswith(b"GET /x HTTP/1.1\r\n"), head
+    assert re.findall(rb"\r\nHost: ([^\r]*)", head, re.IGNORECASE) == [f"127.0.0.1:{upstream.port}".encode()], head
 
 
 def test_a_line_break_in_a_value_is_refused_every_time_not_only_the_first(upstream_factory):
