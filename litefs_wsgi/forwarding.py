@@ -755,14 +755,13 @@ class Forwarder:
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
+        line, relay = answer.line, answer.relay  # a head copied from a template has both
+        status = line if line is not None else answer.status_line()
+        headers = list(relay) if relay is not None else answer.relayed()
         rest, length = answer.rest, answer.length
         if length is not None and len(rest) >= length:
             # The whole body came with the head (body_of's first case, without its calls).
-            line, relay = answer.line, answer.relay  # a head copied from a template has both
-            start_response(
-                line if line is not None else answer.status_line(),
-                list(relay) if relay is not None else answer.relayed(),
-            )
+            start_response(status, headers)
             self._release(dest, conn, answer.keep_alive and len(rest) == length)
             return [rest[:length]] if length else []
         splice = self.splice
@@ -783,7 +782,7 @@ class Forwarder:
         except (OSError, BadAnswer, httptools.HttpParserError) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
-        start_response(answer.status_line(), answer.relayed())
+        start_response(status, headers)
         return body
 
     def _exchange(self, dest: Destination, method: str, head: bytes, body, replayable: bool):
