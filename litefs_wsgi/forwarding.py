@@ -740,7 +740,11 @@ class Forwarder:
             self.on_failure("invalid", mark)
             log.info("refusing to forward %r to %s: %s", method, base_url, exc)
             return error(start_response, 400, "Proxy error: request has an invalid method or header")
-        replayable = method in _IDEMPOTENT or "HTTP_IDEMPOTENCY_KEY" in environ or "HTTP_X_IDEMPOTENCY_KEY" in environ
+        # Sent again after its bytes may have arrived only where Go's Transport would, and never
+        # to the primary: what goes there is a write, or a GET that writes (ReplayOnPrimary).
+        replayable = not mark and (
+            method in _IDEMPOTENT or "HTTP_IDEMPOTENCY_KEY" in environ or "HTTP_X_IDEMPOTENCY_KEY" in environ
+        )
         try:
             conn, answer = self._exchange(dest, method, head, body, replayable)
         except ClientDisconnected:

@@ -106,8 +106,17 @@ def upstream_factory() -> Iterator[Callable[..., Upstream]]:
         upstream.close()
 
 
-def forward(forwarder: Forwarder, url: str, method: str = "GET", path: str = "/", body: bytes | None = None, **kw):
-    """Forward one request as a WSGI server would hand it over: (status, headers, body)."""
+def forward(
+    forwarder: Forwarder,
+    url: str,
+    method: str = "GET",
+    path: str = "/",
+    body: bytes | None = None,
+    mark: bool = False,
+    **kw,
+):
+    """Forward one request as a WSGI server would hand it over (``mark``: to the primary):
+    (status, headers, body)."""
     environ = EnvironBuilder(method=method, path=path, data=body, **kw).get_environ()
     environ["REMOTE_ADDR"] = "127.0.0.1"
     started = {}
@@ -115,7 +124,7 @@ def forward(forwarder: Forwarder, url: str, method: str = "GET", path: str = "/"
     def start_response(status, headers, exc_info=None):
         started.update(status=status, headers=headers)
 
-    result = forwarder.forward(environ, start_response, url)
+    result = forwarder.forward(environ, start_response, url, mark=mark)
     try:
         data = b"".join(result)
     finally:
@@ -296,6 +305,21 @@ def test_reused_connection_closed_before_the_answer(upstream_factory, method, bo
         assert status == 502
         assert data.startswith(b"Proxy error: 127.0.0.1:")
         assert tries == [(1, method)]
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "headers"),
+    [("GET", None, {}), ("OPTIONS", None, {}), ("POST", b"small", {"Idempotency-Key": "k1"})],
+)
+def test_a_request_to_the_primary_is_never_sent_again_once_written(upstream_factory, method, body, headers):
+    # What goes to the primary is a write (OPTIONS is one, as for LiteFS) or a GET whose view
+    # writes (ReplayOnPrimary, always_forward): whatever its method says, never twice.
+    upstream = upstream_factory(drop_second)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+    assert forward(forwarder, upstream.url, "GET", "/warm")[0] == 200
+    status, _, data = forward(forwarder, upstream.url, method, "/write", body, headers=headers, mark=True)
+    assert status == 502 and data.startswith(b"Proxy error: 127.0.0.1:")
+    assert [(n, m) for n, m, path, _ in upstream.requests if path == "/write"] == [(1, method)]
 
 
 def test_new_connection_closed_before_the_answer_is_not_sent_again(upstream_factory):
