@@ -770,22 +770,51 @@ class Forwarder:
             return [rest[:length]] if length else []
         splice = self.splice
         client = environ.get("gunicorn.socket") if splice != "never" else None
+        return self.relay(
+            environ,
+            start_response,
+            status,
+            headers,
+            answer,
+            conn.sock,
+            lambda reusable: self._release(dest, conn, reusable),
+            dest.netloc,
+            client,
+            remote_only=splice == "remote",
+            mark=mark,
+        )
+
+    def relay(
+        self,
+        environ: dict,
+        start_response,
+        status: str,
+        headers: list[tuple[str, str]],
+        answer: Answer,
+        sock: socket.socket,
+        on_end: Callable[[bool], None],
+        where: str,
+        client: socket.socket | None = None,
+        remote_only: bool = False,
+        mark: bool = False,
+    ) -> Iterable[bytes]:
+        """Answer ``status`` and ``headers`` with ``answer``'s body from ``sock`` (``body_of``'s,
+        with ``on_end``, ``client`` and ``remote_only``), or 502 or 504 when ``where`` fails
+        before the body's first item."""
         # The body's first item is read before start_response, so that a target failing
         # before it gets the proxy's own 502 or 504 (no server sends the head before that
         # item anyway). Not by a second start_response with exc_info: gunicorn adds its
         # headers to the first call's, two Content-Length in one head.
         try:
-            body = body_of(
-                answer, conn.sock, lambda reusable: self._release(dest, conn, reusable), client, splice == "remote"
-            )
+            body = body_of(answer, sock, on_end, client, remote_only)
             if type(body) is _Body:
                 body.start()
         except (socket.timeout, BlockingIOError):
-            why = f"no answer from {dest.netloc} within {self.read_timeout:g}s"
-            return self.failed(environ, start_response, 504, dest.netloc, why, cause="timeout", mark=mark)
+            why = f"no answer from {where} within {self.read_timeout:g}s"
+            return self.failed(environ, start_response, 504, where, why, cause="timeout", mark=mark)
         except (OSError, BadAnswer, httptools.HttpParserError) as exc:
-            why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
-            return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
+            why = f"{where} closed the connection or sent a bad response ({_why(exc)})"
+            return self.failed(environ, start_response, 502, where, why, cause="protocol", mark=mark)
         start_response(status, headers)
         return body
 

@@ -21,7 +21,6 @@ from .forwarding import (
     CHUNK,
     BadAnswer,
     Forwarder,
-    body_of,
     describe,
     dial,
     read_answer,
@@ -68,8 +67,8 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
         return forwarder.failed(environ, start_response, 502, netloc, why)
     headers = response_headers(answer.headers, upgrade=answer.status == 101)
     if answer.status != 101:
-        start_response(answer.status_line(), headers)
-        return body_of(answer, upstream, lambda reusable: upstream.close())
+        status, on_end = answer.status_line(), lambda reusable: upstream.close()
+        return forwarder.relay(environ, start_response, status, headers, answer, upstream, on_end, netloc)
     client = environ["gunicorn.socket"]
     # gunicorn writes the head itself (it keeps Upgrade and sends Connection: upgrade);
     # without a write before the pipe it would send its 101 head later, into the stream.

@@ -3,14 +3,15 @@ RFC 6455 echo server, both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
 from urllib.parse import urlsplit
 
 import pytest
-from proxy_ws import BINARY, CLOSE, GREETING, PING, PONG, TEXT, Client, accept_key, echo_server
-from servers import opens, proxy_config, standalone_proxy, wait_until
+from proxy_ws import BINARY, CLOSE, GREETING, PING, PONG, TEXT, Client, accept_key, echo_server, read_head
+from servers import RawServer, opens, proxy_config, standalone_proxy, wait_until
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -156,3 +157,53 @@ def test_nothing_after_the_tunnel_is_read_as_a_request(target, proxy_port):
     # is the proof; this only adds that nothing reached the target within half a second.
     time.sleep(0.5)
     assert not any(b"/after-the-tunnel" in head for head in target.heads)
+
+
+# -- a target failing an upgrade before its answer's body -----------------------------------------
+
+FAILS_BEFORE_THE_BODY = {
+    "/bad-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n", 502),
+    "/closed": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", 502),
+    "/silent": (b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nContent-Length: 10\r\n\r\n", 504),
+}
+
+
+class FailsBeforeTheBody(RawServer):
+    """Answers an upgrade to each path of ``FAILS_BEFORE_THE_BODY`` with that head and no
+    good body byte; "/closed" then closes, the others wait for the proxy to."""
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            conn.settimeout(20)
+            path = read_head(conn).split(b" ")[1].decode()
+            conn.sendall(FAILS_BEFORE_THE_BODY[path][0])
+            if path != "/closed":
+                conn.recv(1)
+
+
+@pytest.fixture(scope="module")
+def failing_proxy_port(mount, tmp_path_factory):
+    target = FailsBeforeTheBody()
+    config = proxy_config(tmp_path_factory.mktemp("wsfail"), mount, f"127.0.0.1:{target.port}", read_timeout="1s")
+    try:
+        with standalone_proxy(config) as url:
+            yield urlsplit(url).port, target.port
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("path", FAILS_BEFORE_THE_BODY)
+def test_an_answer_other_than_101_failing_before_its_body_gets_the_proxys_error(failing_proxy_port, path):
+    # Not gunicorn's HTML 500: the first body item is read before the head goes out.
+    port, target_port = failing_proxy_port
+    code = FAILS_BEFORE_THE_BODY[path][1]
+    ws = Client.open(port, path)
+    assert ws.status == code, ws.body
+    where = f"127.0.0.1:{target_port}"
+    why = (
+        f"no answer from {where} within 1s"
+        if code == 504
+        else f"{where} closed the connection or sent a bad response ("
+    )
+    assert ws.body.startswith(f"Proxy error: {why}".encode()), ws.body
+    assert "Set-Cookie" not in ws.headers and "Transfer-Encoding" not in ws.headers
