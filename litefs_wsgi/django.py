@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from django.apps import AppConfig
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, options_and_sources
 from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary
 from .readonly import should_replay
+
+# get_wsgi_application's keyword options, which win over settings.LITEFS, for check_settings;
+# None while this process has not called it (manage.py check does not import wsgi.py).
+_given: dict[str, Any] | None = None
 
 
 def get_wsgi_application(**options: Any) -> LiteFSMiddleware:
@@ -28,6 +33,8 @@ def get_wsgi_application(**options: Any) -> LiteFSMiddleware:
     from django.conf import settings
     from django.core.wsgi import get_wsgi_application as django_application
 
+    global _given
+    _given = dict(options)
     app = django_application()
     litefs = setting(settings)
     try:
@@ -62,16 +69,36 @@ def _named(exc: ConfigError, litefs: Mapping[str, Any], given: Mapping[str, Any]
 
 def check_settings(app_configs=None, **kwargs) -> list:
     """Django system check: a bad ``LITEFS`` setting is an error of ``manage.py check`` (and of
-    runserver, migrate...), found before the first request rather than at it."""
+    runserver, migrate...), found before the first request rather than at it. Options given to
+    ``get_wsgi_application`` in this process win over it, as they do there; a ``db`` missing
+    where none were given is only a warning, as wsgi.py may pass it."""
     from django.conf import settings
-    from django.core.checks import Error
+    from django.core.checks import Error, Warning
 
+    given = _given
     litefs: dict[str, Any] = {}
     try:
         litefs = setting(settings)
-        Config.load(**litefs)
+        options = {**litefs, **(given or {})}
+        try:
+            Config.load(**options)
+        except ConfigError:
+            if given is not None or "db" in {**options_and_sources(os.environ)[0], **options}:
+                raise
+            # Whatever else is wrong is still an error: checked with a stand-in for the db.
+            Config.load(**options, db="db.sqlite3")
+            return [
+                Warning(
+                    "settings.LITEFS: no 'db': name the database file in the LiteFS mount here, e.g. "
+                    "LITEFS = {'db': 'db.sqlite3'}, or pass it to get_wsgi_application(db=...) in wsgi.py "
+                    "(or set LITEFS_PROXY_DB)",
+                    hint="this check cannot see the options wsgi.py passes to get_wsgi_application",
+                    obj="settings.LITEFS",
+                    id="litefs_wsgi.W001",
+                )
+            ]
     except ConfigError as exc:
-        message = str(_named(exc, litefs, {}))
+        message = str(_named(exc, litefs, given or {}))
         return [
             Error(
                 message, hint="LITEFS holds litefs-wsgi's options by name", obj="settings.LITEFS", id="litefs_wsgi.E001"
@@ -82,7 +109,8 @@ def check_settings(app_configs=None, **kwargs) -> list:
 
 class LiteFSConfig(AppConfig):
     """Add ``"litefs_wsgi.django.LiteFSConfig"`` to ``INSTALLED_APPS``: ``manage.py check``
-    (and runserver, migrate...) then reports a bad ``LITEFS`` setting, error ``litefs_wsgi.E001``."""
+    (and runserver, migrate...) then reports a bad ``LITEFS`` setting, error ``litefs_wsgi.E001``
+    (a missing ``db``, warning ``litefs_wsgi.W001``)."""
 
     name = "litefs_wsgi"
     label = "litefs_wsgi"

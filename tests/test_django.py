@@ -171,7 +171,8 @@ def django_command(mount: LiteFSMount, *args: str, **env: str) -> subprocess.Com
     [
         ({"poll_timeout": "soon"}, "settings.LITEFS['poll_timeout']: 'soon' is not a duration"),
         ({"pol_timeout": "1s"}, "settings.LITEFS: unknown option 'pol_timeout'; did you mean 'poll_timeout'?"),
-        ({"db": None}, "settings.LITEFS: no 'db': name the database file in the LiteFS mount"),
+        # What else is wrong is an error even when db, which wsgi.py may pass, is missing.
+        ({"db": None, "poll_timeout": "soon"}, "settings.LITEFS['poll_timeout']: 'soon' is not a duration"),
         ({"target": "localhost:99999"}, "settings.LITEFS['target']: 'localhost:99999' is not a valid URL"),
         (
             {"primary_url": "http://{hostname.vm.myapp.internal}:{port}"},
@@ -192,6 +193,23 @@ def test_manage_py_check_passes_a_good_litefs_setting(cluster):
     proc = django_command(primary, "check")
     assert proc.returncode == 0, proc.stderr
     assert "System check identified no issues" in proc.stdout
+
+
+def test_manage_py_check_only_warns_of_a_db_missing_from_litefs(cluster):
+    # manage.py check does not import wsgi.py, which may pass db to get_wsgi_application.
+    primary, _ = cluster
+    proc = django_command(primary, "check", TEST_LITEFS=json.dumps({"db": None}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "settings.LITEFS: (litefs_wsgi.W001) settings.LITEFS: no 'db': " in proc.stderr
+    assert "get_wsgi_application(db=...)" in proc.stderr and "E001" not in proc.stderr
+
+
+def test_check_after_wsgi_py_takes_the_options_it_passed(cluster):
+    primary, _ = cluster
+    code = "import django_project.wsgi_db; from django.core.management import call_command; call_command('check')"
+    proc = django_command(primary, "shell", "-c", code, TEST_LITEFS=json.dumps({"db": None}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "System check identified no issues" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_a_bad_litefs_setting_stops_gunicorn_naming_it(cluster):
