@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from django.apps import AppConfig
 
 from .config import Config, ConfigError, options_and_sources
 from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary
-from .readonly import should_replay
+from .readonly import REPLAY_FAILED_KEY, should_replay
 
 # get_wsgi_application's keyword options, which win over settings.LITEFS, for check_settings;
 # None while this process has not called it (manage.py check does not import wsgi.py).
@@ -130,7 +131,10 @@ class ReplayOnPrimaryMiddleware:
     replica with SQLite's read-only error (``django.db.utils.OperationalError``)."""
 
     def __init__(self, get_response) -> None:
+        from django.core.signals import got_request_exception
+
         self.get_response = get_response
+        got_request_exception.connect(_note_readonly_error, dispatch_uid="litefs_wsgi.replay_on_readonly")
 
     def __call__(self, request):
         return self.get_response(request)
@@ -144,3 +148,14 @@ class ReplayOnPrimaryMiddleware:
             response[REPLAY_HEADER] = "1"
             return response
         return None
+
+
+def _note_readonly_error(sender, request=None, **kwargs) -> None:
+    """A write in a middleware (a "last seen" column, a session saved in process_response) fails
+    outside the view, where process_exception never sees it (so does ``require_primary()`` in a
+    middleware): Django makes its 500 at once. It sends got_request_exception first, inside its
+    ``except``: the request is then marked for LiteFSMiddleware to replay it instead of that 500."""
+    environ = getattr(request, "environ", None)  # an ASGI request has none
+    exception = sys.exc_info()[1]
+    if environ is not None and (isinstance(exception, ReplayOnPrimary) or should_replay(environ, exception)):
+        environ[REPLAY_FAILED_KEY] = True

@@ -20,7 +20,7 @@ from .config import Config
 from .cookie import COOKIE_NAME, TxidCookie, value_of
 from .forwarding import HOP_ENVIRON_KEY, Forwarder
 from .node import database_files, describe_mount_problem, mount_problem
-from .readonly import REPLAY_ENVIRON_KEY
+from .readonly import REPLAY_ENVIRON_KEY, REPLAY_FAILED_KEY
 from .watcher import TooManyWaiters, Watcher, get_watcher, set_default_watcher
 
 log = logging.getLogger("litefs_wsgi")
@@ -292,6 +292,11 @@ class LiteFSMiddleware:
             # ReplayOnPrimary is a 503: other answers need no look at their headers (a
             # comparison, not startswith(): this runs on every read, and costs half as much).
             if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
+                replay.append(True)
+                return lambda data: None
+            if "500" <= status < "600" and REPLAY_FAILED_KEY in environ:
+                # Django's own 500 for SQLite's read-only error raised outside the view, in a
+                # middleware (litefs_wsgi.django): replayed as the view's would be.
                 replay.append(True)
                 return lambda data: None
             if exc_info is None:  # a second call, for an error mid-answer, carries exc_info

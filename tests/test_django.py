@@ -158,6 +158,29 @@ def test_a_get_that_writes_on_a_replica_is_replayed_on_the_primary(cluster):
     assert rows(primary) == ["touch"]
 
 
+def test_a_get_whose_middleware_writes_on_a_replica_is_replayed_on_the_primary(cluster):
+    """The write is in a middleware (a "last seen" column, a session saved in process_response),
+    not the view: Django turns its error into a 500 before ReplayOnPrimaryMiddleware could see it
+    in process_exception. It is replayed all the same, and the replica's 500 never reaches the client."""
+    primary, replica = cluster
+    with node(primary) as primary_url:
+        forward = {"TEST_FORWARD": "http", "TEST_PRIMARY_URL": primary_url.replace("127.0.0.1", "{hostname}")}
+        replica.make_replica("127.0.0.1")
+        with node(replica, TEST_READONLY="1", **forward) as replica_url:
+            response = requests.get(replica_url + "/seen", timeout=TIMEOUT)
+            assert (response.status_code, response.text) == (200, "seen\n")
+            assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
+            assert rows(primary) == ["seen"] and rows(replica) == []
+            # require_primary() in a middleware, likewise.
+            response = requests.get(replica_url + "/asks", timeout=TIMEOUT)
+            assert (response.status_code, response.text) == (200, "seen\nseen\n")
+            assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
+            # Any other error of a middleware is still the app's own 500.
+            response = requests.get(replica_url + "/seen", headers={"X-LiteFS-Forwarded": "1"}, timeout=TIMEOUT)
+            assert response.status_code == 500 and "Server Error (500)" in response.text
+    assert rows(primary) == ["seen", "seen"]
+
+
 def django_command(mount: LiteFSMount, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``django-admin ARGS`` for the test project, as ``manage.py ARGS`` runs it."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "FLY_"))}

@@ -8,7 +8,8 @@ DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 ROOT_URLCONF = "django_project.urls"
 INSTALLED_APPS = ["litefs_wsgi.django.LiteFSConfig"]  # manage.py check checks LITEFS
-MIDDLEWARE = ["litefs_wsgi.django.ReplayOnPrimaryMiddleware"]
+# last_seen: a middleware writing in a GET, before ReplayOnPrimaryMiddleware as the README lists it.
+MIDDLEWARE = ["django_project.middleware.last_seen", "litefs_wsgi.django.ReplayOnPrimaryMiddleware"]
 USE_TZ = True
 _DB = os.path.join(os.environ["LITEFS_DIR"], "db.sqlite3")
 DATABASES = {

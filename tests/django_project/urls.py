@@ -9,4 +9,6 @@ urlpatterns = [
     path("fail", views.fail),
     path("visit", views.visit),
     path("touch", views.touch),
+    path("seen", views.items),  # the middleware writes first
+    path("asks", views.items),  # the middleware calls require_primary(), then writes
 ]
