@@ -58,27 +58,26 @@ def _readonly_error_types() -> list[type[BaseException]]:
 
 
 def replay_on_readonly(app) -> None:
-    """Register error handlers on ``app`` that turn SQLite's read-only error, in a GET or HEAD
-    on a replica, into ReplayOnPrimary; any other error goes on as if they were not there.
+    """Make ``app`` turn SQLite's read-only error, in a GET or HEAD on a replica, into
+    ReplayOnPrimary; any other error goes on as if this were not there.
 
-    An error handler, not a wrapper: it runs before the response has started, and a replayed
-    request is not reported as an error (``got_request_exception`` is not sent).
+    In ``app.handle_user_exception``, before Flask looks for an error handler: one registered on
+    the app would lose to a blueprint's own for a base class (a JSON API's for Exception), Flask
+    trying a blueprint's handlers first, and the request was then never replayed. It runs before
+    the response has started, and a replayed request is not reported as an error
+    (``got_request_exception`` is not sent).
     """
     from flask import request
 
-    def replay_or_not(error: Exception):
-        if should_replay(request.environ, error):
-            return ReplayOnPrimary().get_response(request.environ)
-        # As without this handler: the app's own handler for a base class (Exception), else
-        # Flask's 500 (re-raised here, Flask goes on to handle_exception as it would have).
-        for cls in type(error).__mro__:
-            handler = app.error_handler_spec[None][None].get(cls)
-            if handler is not None and handler is not replay_or_not:
-                return app.ensure_sync(handler)(error)
-        raise error
+    types = tuple(_readonly_error_types())
+    handle_user_exception = app.handle_user_exception
 
-    for error_type in _readonly_error_types():
-        app.register_error_handler(error_type, replay_or_not)
+    def replay_or_not(error: Exception):
+        if isinstance(error, types) and should_replay(request.environ, error):
+            return ReplayOnPrimary().get_response(request.environ)
+        return handle_user_exception(error)
+
+    app.handle_user_exception = replay_or_not
 
 
 def config_key(option: str) -> str:

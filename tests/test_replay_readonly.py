@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from flask import Flask, Response, request, stream_with_context
+from flask import Blueprint, Flask, Response, request, stream_with_context
 from servers import serve
 
 from litefs_wsgi.flask import LiteFS
@@ -91,6 +91,18 @@ def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], wrapped: boo
             return "".join(f"{p}\n" for (p,) in conn.execute("SELECT path FROM visits ORDER BY id"))
 
     LiteFS(app, db="app.db", mount_dir=mount.path, **options)
+
+    # A JSON API's blueprint, registered after the extension as an app factory does, with its
+    # own handler for every error: Flask looks at a blueprint's handlers before the app's.
+    api = Blueprint("api", __name__, url_prefix="/api")
+
+    @api.errorhandler(Exception)
+    def api_error(error):
+        return {"error": type(error).__name__}, 500
+
+    api.add_url_rule("/visit", view_func=visit, endpoint="visit")
+    api.add_url_rule("/missing-table", view_func=missing_table, endpoint="missing_table")
+    app.register_blueprint(api)
     if wrapped:
         app.wsgi_app.app = mount.committing(app.wsgi_app.app)
     else:
@@ -152,6 +164,22 @@ def test_a_get_that_writes_on_a_replica_runs_on_the_primary(cluster, path, wrapp
         # The cookie makes the next read on the replica wait for the visit: read-your-writes.
         replica.replicate(primary, "app.db")
         assert requests.get(replica_url + "/items", cookies=response.cookies, timeout=TIMEOUT).text == f"{path}\n"
+
+
+def test_a_get_in_a_blueprint_with_its_own_error_handler_is_replayed(cluster):
+    """The blueprint's handler for Exception would win over the extension's for SQLite's error."""
+    primary, replica = cluster
+    with nodes(cluster) as (primary_url, replica_url, seen):
+        response = requests.get(replica_url + "/api/visit", timeout=TIMEOUT)
+        assert (response.status_code, response.text) == (200, "visited\n")
+        assert txid_cookie(response) == primary.position("app.db")
+        assert rows(primary) == ["/api/visit"] and rows(replica) == []
+        # Any other error is still the blueprint's own.
+        response = requests.get(replica_url + "/api/missing-table", timeout=TIMEOUT)
+        assert (response.status_code, response.json()) == (500, {"error": "OperationalError"})
+        response = requests.get(replica_url + "/api/visit", headers={"X-LiteFS-Forwarded": "1"}, timeout=TIMEOUT)
+        assert (response.status_code, response.json()) == (500, {"error": "OperationalError"})
+    assert seen["primary"] == ["GET /api/visit"]
 
 
 def test_a_head_is_replayed_too(cluster):
