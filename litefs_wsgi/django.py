@@ -155,7 +155,7 @@ def _note_readonly_error(sender, request=None, **kwargs) -> None:
     outside the view, where process_exception never sees it (so does ``require_primary()`` in a
     middleware): Django makes its 500 at once. It sends got_request_exception first, inside its
     ``except``: the request is then marked for LiteFSMiddleware to replay it instead of that 500."""
-    environ = getattr(request, "environ", None)  # an ASGI request has none
+    failed = getattr(request, "environ", {}).get(REPLAY_FAILED_KEY)  # an ASGI request has no environ
     exception = sys.exc_info()[1]
-    if environ is not None and (isinstance(exception, ReplayOnPrimary) or should_replay(environ, exception)):
-        environ[REPLAY_FAILED_KEY] = True
+    if failed is not None and (isinstance(exception, ReplayOnPrimary) or should_replay(request.environ, exception)):
+        failed.append(True)

@@ -283,6 +283,9 @@ class LiteFSMiddleware:
         # Call the app; a view that raises ReplayOnPrimary gets its request sent to the
         # primary (here, not in a method of its own: this runs on every read).
         replay: list[bool] = []
+        # Django's integration appends to it when Django answers SQLite's read-only error with
+        # its own 500 (raised in a middleware, outside the view): replayed as the view's would be.
+        environ[REPLAY_FAILED_KEY] = replay
         if self._replay_readonly and not replayed:
             # The Flask extension and Django's middleware may then turn SQLite's read-only
             # error into ReplayOnPrimary (litefs_wsgi.readonly.should_replay).
@@ -291,12 +294,7 @@ class LiteFSMiddleware:
         def intercept(status, headers, exc_info=None):
             # ReplayOnPrimary is a 503: other answers need no look at their headers (a
             # comparison, not startswith(): this runs on every read, and costs half as much).
-            if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
-                replay.append(True)
-                return lambda data: None
-            if "500" <= status < "600" and REPLAY_FAILED_KEY in environ:
-                # Django's own 500 for SQLite's read-only error raised outside the view, in a
-                # middleware (litefs_wsgi.django): replayed as the view's would be.
+            if replay or ("503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers)):
                 replay.append(True)
                 return lambda data: None
             if exc_info is None:  # a second call, for an error mid-answer, carries exc_info

@@ -20,8 +20,9 @@ IOERR_MESSAGE = "disk I/O error"  # sqlite3_errstr(SQLITE_IOERR), the WAL case
 # Set by LiteFSMiddleware on a read that may be replayed (replay_on_readonly, not forwarded
 # already): its watcher, which tells at the time of the error whether this node is a replica.
 REPLAY_ENVIRON_KEY = "litefs_wsgi.replay_watcher"
-# Set by Django's integration when the error came from outside the view (a middleware's), which
-# Django answers with its 500 itself: the middleware then replays the request instead of that 500.
+# A list LiteFSMiddleware puts in a read's environ; Django's integration appends to it when the
+# error came from outside the view (a middleware's), which Django answers with its 500 itself:
+# the middleware then replays the request instead of that 500.
 REPLAY_FAILED_KEY = "litefs_wsgi.replay_failed"
 
 
