@@ -134,24 +134,36 @@ def test_a_get_that_must_write_is_replayed_on_the_primary(cluster):
         assert rows(primary) == ["visit"]
 
 
+def readonly_replica(replica, primary_url: str, **settings):
+    """``node(replica)`` with its database read-only, as under LiteFS, forwarding its writes
+    over HTTP to the primary at ``primary_url``."""
+    forward = {"TEST_FORWARD": "http", "TEST_PRIMARY_URL": primary_url.replace("127.0.0.1", "{hostname}")}
+    return node(replica, TEST_READONLY="1", **forward, **settings)
+
+
+def assert_written_on_the_primary(response, text: str, cluster, written: list[str]) -> None:
+    """``response`` is the primary's answer ``text``, with its cookie, and only the primary wrote."""
+    primary, replica = cluster
+    assert (response.status_code, response.text) == (200, text)
+    assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
+    assert rows(primary) == written and rows(replica) == []
+
+
 def test_a_get_that_writes_on_a_replica_is_replayed_on_the_primary(cluster):
     """No require_primary(): the view just writes. On the replica, whose database is read-only
     as under LiteFS, it fails with SQLite's read-only error; ReplayOnPrimaryMiddleware turns
     that into a replay, forwarded over HTTP; the primary writes and answers with the cookie."""
     primary, replica = cluster
     with node(primary) as primary_url:
-        forward = {"TEST_FORWARD": "http", "TEST_PRIMARY_URL": primary_url.replace("127.0.0.1", "{hostname}")}
         replica.make_replica("127.0.0.1")
-        with node(replica, TEST_READONLY="1", **forward) as replica_url:
+        with readonly_replica(replica, primary_url) as replica_url:
             response = requests.get(replica_url + "/touch", timeout=TIMEOUT)
-            assert (response.status_code, response.text) == (200, "touched\n")
-            assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
-            assert rows(primary) == ["touch"] and rows(replica) == []
+            assert_written_on_the_primary(response, "touched\n", cluster, ["touch"])
             # A read is not affected: the replica serves it from its read-only database.
             replica.replicate(primary, "db.sqlite3")
             assert requests.get(replica_url + "/items", cookies=response.cookies, timeout=TIMEOUT).text == "touch\n"
 
-        with node(replica, TEST_READONLY="1", TEST_REPLAY_ON_READONLY="false", **forward) as replica_url:
+        with readonly_replica(replica, primary_url, TEST_REPLAY_ON_READONLY="false") as replica_url:
             response = requests.get(replica_url + "/touch", timeout=TIMEOUT)
             assert response.status_code == 500 and "Server Error (500)" in response.text  # Django's own
             assert "__txid" not in response.cookies
@@ -164,13 +176,10 @@ def test_a_get_whose_middleware_writes_on_a_replica_is_replayed_on_the_primary(c
     in process_exception. It is replayed all the same, and the replica's 500 never reaches the client."""
     primary, replica = cluster
     with node(primary) as primary_url:
-        forward = {"TEST_FORWARD": "http", "TEST_PRIMARY_URL": primary_url.replace("127.0.0.1", "{hostname}")}
         replica.make_replica("127.0.0.1")
-        with node(replica, TEST_READONLY="1", **forward) as replica_url:
+        with readonly_replica(replica, primary_url) as replica_url:
             response = requests.get(replica_url + "/seen", timeout=TIMEOUT)
-            assert (response.status_code, response.text) == (200, "seen\n")
-            assert int(txid_cookie(response), 16) == primary.position("db.sqlite3")
-            assert rows(primary) == ["seen"] and rows(replica) == []
+            assert_written_on_the_primary(response, "seen\n", cluster, ["seen"])
             # require_primary() in a middleware, likewise.
             response = requests.get(replica_url + "/asks", timeout=TIMEOUT)
             assert (response.status_code, response.text) == (200, "seen\nseen\n")
