@@ -498,28 +498,25 @@ def _until_closed(rest: bytes, sock: socket.socket) -> Iterator[bytes]:
 class _Body:
     """An answer's body for the WSGI server; ``close()`` (which the server calls) ends it."""
 
-    __slots__ = ("_chunks", "_on_end", "_answer", "_finished", "_relayed", "_first")
+    __slots__ = ("_chunks", "_on_end", "_answer", "_finished", "_relayed")
 
     def __init__(self, chunks: Iterator[bytes], on_end: Callable[[bool], None], answer: Answer) -> None:
         self._chunks, self._on_end, self._answer = chunks, on_end, answer
         self._finished = False
         self._relayed = 0
-        self._first: bytes | None = None
 
     def start(self) -> None:
-        """Read the body's first item now, for ``__iter__`` to yield first; a failure before
-        it raises here, the connection closed."""
+        """Read the body's first item now (still the first it yields); a failure before it
+        raises here, the connection closed."""
         try:
-            self._first = next(self._chunks, None)
+            first = next(self._chunks, None)
         except BaseException:
             self.close()
             raise
+        if first is not None:
+            self._chunks = itertools.chain((first,), self._chunks)
 
     def __iter__(self) -> Iterator[bytes]:
-        first, self._first = self._first, None
-        if first is not None:
-            self._relayed += len(first)
-            yield first
         for chunk in self._chunks:
             self._relayed += len(chunk)
             yield chunk
