@@ -824,16 +824,20 @@ class Forwarder:
             if conn is None:
                 conn = Connection(self.connect(dest))
             written = cut = False
+            early = b""
             try:
                 cut = not _send(conn.sock, head)
                 written = True
                 if body is not None and not cut:
-                    try:
-                        for block in body:
-                            conn.sock.sendall(block)
-                    except (BrokenPipeError, ConnectionResetError):
-                        cut = True  # it may have answered early (a 413, say) and closed: read on
-                answer = read_answer(conn.sock, method)
+                    if dest.scheme == "https":
+                        try:
+                            for block in body:
+                                conn.sock.sendall(block)
+                        except (BrokenPipeError, ConnectionResetError):
+                            cut = True  # it may have answered early (a 413, say) and closed: read on
+                    else:
+                        cut, early = _send_body(conn.sock, body, self._read)
+                answer = read_answer(conn.sock, method, early)
                 if cut:
                     answer.keep_alive = False
                 return conn, answer
@@ -885,6 +889,76 @@ def _send(sock: socket.socket, data: bytes) -> bool:
         except (BrokenPipeError, ConnectionResetError):
             return False
     return True
+
+
+def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None) -> tuple[bool, bytes]:
+    """Send ``body`` on a plain TCP ``sock`` while watching for an answer: (cut, what came).
+
+    A target may refuse a body before it reads it (a 413, a 401, a redirect) and then stop
+    reading: sent blindly, the rest would wait in a full socket buffer until ``timeout``,
+    and the client would get a 504 instead of that answer. So each block goes out as the
+    socket takes it, and an answer that starts with a status of 300 or more ends the
+    sending (``cut``: the connection is not reused). Interim answers (100 Continue) are
+    kept for read_answer to skip; after a 2xx head the rest is sent as before, since such
+    a target is reading (Go's Transport writes on while it reads; this client cannot)."""
+    poller = select.poll()
+    watch = select.POLLIN | select.POLLOUT
+    poller.register(sock, watch)
+    wait = -1 if timeout is None else max(1, int(timeout * 1000))
+    early = b""
+    for block in body:
+        view = memoryview(block)
+        while view:
+            ready = poller.poll(wait)
+            if not ready:
+                raise socket.timeout("the other side took no more of the body")
+            events = ready[0][1]
+            if events & select.POLLIN and watch & select.POLLIN:
+                try:
+                    more = sock.recv(CHUNK, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    more = None
+                except (BrokenPipeError, ConnectionResetError):
+                    return True, early
+                if more == b"":
+                    return True, early  # closed: read_answer says what came, if anything
+                if more:
+                    early += more
+                    refused = _refused_early(early)
+                    if refused:
+                        return True, early
+                    if refused is False:  # a 2xx head: it reads on; stop looking
+                        watch = select.POLLOUT
+                        poller.modify(sock, watch)
+                continue
+            if events & (select.POLLERR | select.POLLHUP) and not events & select.POLLOUT:
+                return True, early
+            try:
+                sent = sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                return True, early
+            view = view[sent:]
+    return False, early
+
+
+def _refused_early(early: bytes) -> bool | None:
+    """Whether ``early``, what a target sent before its request's body was all sent, starts
+    a final answer of 300 or more (True), of 2xx (False), or cannot tell yet (None): past
+    any interim 1xx heads. Bytes that are no HTTP answer count as refused: read_answer
+    turns them into the proxy's 502."""
+    while len(early) >= 12:  # "HTTP/1.1 NNN"
+        kind = early[9:10]
+        if not early.startswith(b"HTTP/") or kind not in b"12345":
+            return True
+        if kind != b"1":
+            return kind != b"2"
+        end = early.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        early = early[end + 4 :]
+    return None
 
 
 def _ignore(cause: str, to_primary: bool) -> None:

@@ -786,6 +786,136 @@ def test_expect_100_continue_through_the_standalone_proxy(tmp_path, upstream_fac
     assert [(path, body) for _, _, path, body in upstream.requests] == [("/up", b"body")]
 
 
+# -- an answer that comes before the whole body was sent -------------------------------------
+
+
+class EarlyAnswer(RawServer):
+    """Answers ``answer`` as soon as a request's head is in, before its body. Then, with
+    ``reads_on``, reads the whole body and counts it in ``received``; without, reads nothing
+    more and holds the connection open (as a server that refused the body may) until the
+    test closes the server or ``hold`` seconds pass (then ``gave_up`` is set: an answer
+    relayed only after that came from the close, not from what was sent first)."""
+
+    def __init__(self, answer: bytes, reads_on: bool = False, hold: float = 60) -> None:
+        self.answer, self.reads_on, self.hold = answer, reads_on, hold
+        self.received: list[int] = []
+        self.done = threading.Event()
+        self.gave_up = threading.Event()
+        self._release = threading.Event()
+        super().__init__()
+
+    def close(self) -> None:
+        self._release.set()
+        super().close()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            conn.settimeout(20)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                buf += more
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            conn.sendall(self.answer)
+            if not self.reads_on:
+                if not self._release.wait(self.hold):  # neither reads nor closes
+                    self.gave_up.set()
+                return
+            got = len(body)
+            while got < length:
+                more = conn.recv(1 << 20)
+                if not more:
+                    break
+                got += len(more)
+            self.received.append(got)
+            self.done.set()
+
+
+TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
+REFUSED = {
+    "413": TOO_LARGE,
+    "401, then close": b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 4\r\n\r\nwho?",
+    "307": b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+    "100, then 413": b"HTTP/1.1 100 Continue\r\n\r\n" + TOO_LARGE,
+}
+BIG = 48 * 1024 * 1024  # more than loopback's socket buffers hold, both ends together
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_an_upload_refused_before_its_body_is_read_gets_that_answer_not_a_504(kind):
+    # Sent blindly, the body would stop in full socket buffers and the client get a 504
+    # after read_timeout (20 s here); the target's own answer is what the client must see.
+    target = EarlyAnswer(REFUSED[kind])
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=20)
+        causes = []
+        forwarder.on_failure = lambda cause, to_primary: causes.append(cause)
+        status, headers, body = forward(forwarder, target.url, "POST", "/upload", b"x" * BIG)
+        final = REFUSED[kind].rpartition(b"HTTP/1.1 ")[2]
+        assert (status, causes) == (int(final[:3]), []), body
+        assert body == final.partition(b"\r\n\r\n")[2]
+        assert pooled(forwarder) == []  # its body cut short: never reused
+        assert not target.gave_up.is_set()  # answered while the target still held on
+    finally:
+        target.close()
+
+
+def test_an_answer_of_2xx_before_the_body_still_gets_the_whole_body():
+    # A target that answers at once and reads on (it streams, or it logs the upload):
+    # nothing of the body is held back.
+    target = EarlyAnswer(OK, reads_on=True)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=20)
+        assert forward(forwarder, target.url, "POST", "/upload", b"x" * (8 << 20))[::2] == (200, b"ok")
+        assert target.done.wait(20)
+        assert target.received == [8 << 20]
+    finally:
+        target.close()
+
+
+def test_a_large_upload_expecting_100_continue_is_sent_whole(upstream_factory):
+    upstream = upstream_factory()  # sends 100 Continue, then reads the body
+    forwarder = Forwarder(connect_timeout=5, read_timeout=20)
+    payload = os.urandom(3 << 20)
+    status, _, body = forward(forwarder, upstream.url, "POST", "/up", payload, headers={"Expect": "100-continue"})
+    assert (status, body) == (200, b"ok")
+    assert upstream.requests[0][3] == payload
+
+
+def test_an_upload_refused_early_through_the_standalone_proxy(tmp_path):
+    target = EarlyAnswer(REFUSED["413"])
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    try:
+        with standalone_proxy(proxy_config(tmp_path, mount, f"127.0.0.1:{target.port}"), threads=2) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+                client.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG)
+                answer = b""
+                block = b"x" * (1 << 20)
+                # Send until the answer comes, as a client that reads while it sends does.
+                for _ in range(BIG >> 20):
+                    if select.select([client], [], [], 0)[0]:
+                        break
+                    try:
+                        client.sendall(block)
+                    except OSError:
+                        break
+                while b"too large" not in answer:
+                    more = client.recv(65536)
+                    if not more:
+                        break
+                    answer += more
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert answer.endswith(b"\r\n\r\ntoo large")
+        assert not target.gave_up.is_set()
+    finally:
+        target.close()
+
+
 # -- failed forwards are logged, boundedly ---------------------------------------------------
 
 
