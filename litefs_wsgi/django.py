@@ -10,7 +10,7 @@ from typing import Any
 from django.apps import AppConfig
 
 from .config import Config, ConfigError, options_and_sources
-from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary
+from .middleware import REPLAY_HEADER, STANDALONE_ONLY, LiteFSMiddleware, ReplayOnPrimary
 from .readonly import REPLAY_FAILED_KEY, should_replay
 
 # get_wsgi_application's keyword options, which win over settings.LITEFS, for check_settings;
@@ -103,6 +103,17 @@ def check_settings(app_configs=None, **kwargs) -> list:
         return [
             Error(
                 message, hint="LITEFS holds litefs-wsgi's options by name", obj="settings.LITEFS", id="litefs_wsgi.E001"
+            )
+        ]
+    ignored = [name for name in STANDALONE_ONLY if name in litefs]
+    if ignored:
+        return [
+            Warning(
+                f"settings.LITEFS: {', '.join(map(repr, ignored))} only the standalone proxy reads "
+                "(litefs-wsgi serve); in Django the app is the target and its server listens: remove "
+                + ("it" if len(ignored) == 1 else "them"),
+                obj="settings.LITEFS",
+                id="litefs_wsgi.W002",
             )
         ]
     return []

@@ -30,6 +30,9 @@ FLY_REPLAY_MAX_BODY = 1_000_000  # Fly.io's edge cannot replay a larger request 
 REPLAY_HEADER = "X-LiteFS-Replay"  # set by ReplayOnPrimary; never leaves the process
 FAR_AHEAD = 1_000_000  # a cookie this many transactions ahead is probably forged or stale
 WARN_EVERY = 60.0  # a warning a client's requests can cause is logged at most this often
+# Options only the standalone proxy reads: in-process, the app is the target and its own
+# server listens and answers (metrics included).
+STANDALONE_ONLY = ("target", "addr", "metrics_path", "splice")
 
 
 class ReplayOnPrimary(HTTPException):
@@ -165,6 +168,7 @@ class LiteFSMiddleware:
             raise TypeError("pass either config or keyword options, not both")
         self.app = app
         self.config = config = config if config is not None else Config.load(**options)
+        _warn_standalone_only(options)
         self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url)
         set_default_watcher(self.watcher)
         self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)
@@ -506,6 +510,22 @@ class LiteFSMiddleware:
         name = self.config.txid_header
         lower = name.lower()
         return [*(h for h in headers if h[0].lower() != lower), (name, value)]
+
+
+def _warn_standalone_only(options: dict[str, Any]) -> None:
+    """Say that options given to the middleware itself (by keyword, the Flask extension's
+    ``LITEFS_*`` keys or Django's ``settings.LITEFS``) do nothing in-process. Not for the
+    file in ``LITEFS_WSGI_CONFIG`` or ``LITEFS_PROXY_*``, which a standalone proxy may share."""
+    ignored = [name for name in STANDALONE_ONLY if name in options]
+    if ignored:
+        log.warning(
+            "LiteFSMiddleware ignores %s: %s only the standalone proxy's (litefs-wsgi serve). In-process the "
+            "app is the target, and its own server listens and serves any metrics: remove %s from the options "
+            "given to the app (keyword arguments, Flask's app.config, Django's settings.LITEFS).",
+            ", ".join(ignored),
+            "this option is" if len(ignored) == 1 else "these options are",
+            "it" if len(ignored) == 1 else "them",
+        )
 
 
 def _replayable(environ: dict) -> bool:

@@ -236,6 +236,16 @@ def test_manage_py_check_only_warns_of_a_db_missing_from_litefs(cluster):
     assert "get_wsgi_application(db=...)" in proc.stderr and "E001" not in proc.stderr
 
 
+def test_manage_py_check_warns_of_options_only_the_standalone_proxy_reads(cluster):
+    primary, _ = cluster
+    proc = django_command(primary, "check", TEST_LITEFS=json.dumps({"db": "db.sqlite3", "target": "localhost:8081"}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        "settings.LITEFS: (litefs_wsgi.W002) settings.LITEFS: 'target' only the standalone proxy reads "
+        "(litefs-wsgi serve); in Django the app is the target and its server listens: remove it"
+    ) in proc.stderr
+
+
 def test_check_after_wsgi_py_takes_the_options_it_passed(cluster):
     primary, _ = cluster
     code = "import django_project.wsgi_db; from django.core.management import call_command; call_command('check')"

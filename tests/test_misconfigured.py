@@ -122,3 +122,43 @@ def test_a_fixed_primary_url_reaches_the_primary_whatever_the_hostname(tmp_path)
             response = requests.post(replica_url + "/items", data=b"x", timeout=20)
     assert (response.status_code, response.text) == (200, "app:/items")
     assert response.headers["Set-Cookie"].startswith("__txid=0000000000000009;")
+
+
+def test_options_of_the_standalone_proxy_given_in_process_are_said_to_do_nothing(tmp_path, caplog):
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    caplog.set_level(logging.WARNING, logger="litefs_wsgi")
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, target="localhost:8081", splice="never")
+    assert warnings(caplog) == [
+        "LiteFSMiddleware ignores target, splice: these options are only the standalone proxy's (litefs-wsgi "
+        "serve). In-process the app is the target, and its own server listens and serves any metrics: remove "
+        "them from the options given to the app (keyword arguments, Flask's app.config, Django's settings.LITEFS)."
+    ]
+
+
+def test_flask_config_naming_a_standalone_option_is_said_to_do_nothing(tmp_path, caplog):
+    from flask import Flask
+
+    from litefs_wsgi.flask import LiteFS
+
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    flask_app = Flask(__name__)
+    flask_app.config.update(LITEFS_DB="app.db", LITEFS_DIR=mount.path, LITEFS_METRICS_PATH="/metrics")
+    caplog.set_level(logging.WARNING, logger="litefs_wsgi")
+    LiteFS(flask_app)
+    assert [m.partition(":")[0] for m in warnings(caplog)] == ["LiteFSMiddleware ignores metrics_path"]
+
+
+def test_a_shared_config_file_or_environment_naming_the_target_says_nothing(tmp_path, caplog, monkeypatch):
+    # One litefs.yml (or environment) for the standalone proxy and the app beside it is fine.
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_primary()
+    config = tmp_path / "litefs.yml"
+    config.write_text(f"fuse:\n  dir: {mount.path}\nproxy:\n  target: localhost:8081\n  db: app.db\n")
+    monkeypatch.setenv("LITEFS_WSGI_CONFIG", str(config))
+    monkeypatch.setenv("LITEFS_PROXY_ADDR", ":8080")
+    caplog.set_level(logging.WARNING, logger="litefs_wsgi")
+    middleware = LiteFSMiddleware(app)
+    assert (middleware.config.target, middleware.config.addr) == ("http://localhost:8081", ":8080")
+    assert warnings(caplog) == []
