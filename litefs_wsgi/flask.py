@@ -71,13 +71,23 @@ def replay_on_readonly(app) -> None:
 
     types = tuple(_readonly_error_types())
     handle_user_exception = app.handle_user_exception
+    handle_exception = app.handle_exception
 
     def replay_or_not(error: Exception):
         if isinstance(error, types) and should_replay(request.environ, error):
             return ReplayOnPrimary().get_response(request.environ)
         return handle_user_exception(error)
 
+    def replay_or_500(error: Exception):
+        # An error outside the view (an after_request hook's "last seen" write, a session
+        # saved at the end) skips handle_user_exception: Flask makes its 500 here, still
+        # before the response has started.
+        if isinstance(error, ReplayOnPrimary) or (isinstance(error, types) and should_replay(request.environ, error)):
+            return ReplayOnPrimary().get_response(request.environ)
+        return handle_exception(error)
+
     app.handle_user_exception = replay_or_not
+    app.handle_exception = replay_or_500
 
 
 def config_key(option: str) -> str:

@@ -249,8 +249,10 @@ class LiteFSMiddleware:
             self._debug("health: LiteFS not mounted", "GET", HEALTH_PATH)
             return errors.error(start_response, 503, self._not_mounted)
         lag = self.watcher.node.lag()
-        max_lag_ms = self.config.max_lag * 1000
-        if self.config.max_lag and (lag is None or lag > max_lag_ms):
+        # In whole nanoseconds, as Go compares durations: max_lag * 1000 in floats can fall just
+        # below the milliseconds it was written in (4.007 * 1000 is 4006.9999999999995), and a lag
+        # equal to it, which is not over it, would answer 503.
+        if self.config.max_lag and (lag is None or lag * 1_000_000 > round(self.config.max_lag * 1e9)):
             self._debug("health: lag exceeded", "GET", HEALTH_PATH, lag)
             return errors.error(start_response, 503, "Replication lag exceeded")
         self._debug("health: ok", "GET", HEALTH_PATH, lag)

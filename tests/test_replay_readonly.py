@@ -112,6 +112,19 @@ def create_app(mount: LiteFSMount, readonly: bool, seen: list[str], wrapped: boo
             mount.sync("app.db")
             return response
 
+    @app.get("/last-seen")
+    def last_seen():
+        return "seen\n"
+
+    @app.after_request
+    def record_last_seen(response):
+        # A "last seen" column updated after every view, as apps do in an after_request hook
+        # (registered last: it runs before ``commit``, which syncs the position).
+        if request.path == "/last-seen":
+            with connect() as conn, conn:
+                conn.execute("INSERT INTO visits (path) VALUES (?)", (request.path,))
+        return response
+
     return app
 
 
@@ -164,6 +177,20 @@ def test_a_get_that_writes_on_a_replica_runs_on_the_primary(cluster, path, wrapp
         # The cookie makes the next read on the replica wait for the visit: read-your-writes.
         replica.replicate(primary, "app.db")
         assert requests.get(replica_url + "/items", cookies=response.cookies, timeout=TIMEOUT).text == f"{path}\n"
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_get_that_writes_in_an_after_request_hook_is_replayed(cluster, wrapped):
+    """README: GETs that write without asking (a "last seen" column) are replayed by
+    themselves. In Flask such a write often sits in an ``after_request`` hook, whose error
+    Flask hands to ``handle_exception``, not ``handle_user_exception``."""
+    primary, replica = cluster
+    with nodes(cluster, wrapped=wrapped) as (primary_url, replica_url, seen):
+        response = requests.get(replica_url + "/last-seen", timeout=TIMEOUT)
+        assert (response.status_code, response.text) == (200, "seen\n")
+        assert txid_cookie(response) == primary.position("app.db") > replica.position("app.db")
+        assert rows(primary) == ["/last-seen"] and rows(replica) == []
+        assert seen == {"primary": ["GET /last-seen"], "replica": ["GET /last-seen"]}
 
 
 def test_a_get_in_a_blueprint_with_its_own_error_handler_is_replayed(cluster):

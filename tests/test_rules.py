@@ -128,6 +128,12 @@ def test_passthrough_hides_health(mount):
         (-5, "1s", True),  # clock skew
         (2147483647, "10s", False),  # not synced yet
         (2147483647, 0, True),  # 0 turns the check off
+        # A lag equal to max_lag is not over it, whatever the float of max_lag * 1000 rounds to
+        # (4.007 * 1000 is 4006.9999999999995).
+        (4007, "4007ms", True),
+        (4008, "4007ms", False),
+        (1001, 1.001, True),
+        (1002, 1.001, False),
     ],
 )
 def test_health(replica, lag_ms, max_lag, healthy):
