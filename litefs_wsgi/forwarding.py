@@ -70,6 +70,9 @@ _SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")  # Linux, Pyt
 SMALL_BODY = 64 * 1024
 MAX_HEAD = 64 * 1024  # an answer's head larger than this is refused (Go's default is 1 MiB, nginx's 4-8 KiB)
 RETRY_REFUSED_EVERY = 0.1  # as LiteFS: the app behind may be restarting
+# poll(2) takes a C int of milliseconds (about 24.8 days): a longer timeout is capped there,
+# not an OverflowError (a 500) for every request that waits on one.
+MAX_POLL_MS = 2**31 - 1
 # Methods whose request Go's http.Transport sends again when a reused connection turns out
 # closed before any byte of the answer came (RFC 9110 section 9.2.2: idempotent).
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
@@ -684,7 +687,9 @@ class Forwarder:
         idle = self._idle.get(dest)
         if idle is None:
             idle = self._idle.setdefault(dest, [])
-        if reusable and len(idle) < self.pool_size:
+        # Over TLS, bytes past the answer may sit decrypted in the TLS buffer, where the
+        # poll before reuse (_pooled) cannot see them: such a connection is out of step.
+        if reusable and len(idle) < self.pool_size and not (dest.scheme == "https" and conn.sock.pending()):
             conn.reused = True
             idle.append(conn)
         else:
@@ -833,7 +838,7 @@ class Forwarder:
                         try:
                             for block in body:
                                 conn.sock.sendall(block)
-                        except (BrokenPipeError, ConnectionResetError):
+                        except _CUT:
                             cut = True  # it may have answered early (a 413, say) and closed: read on
                     else:
                         cut, early = _send_body(conn.sock, body, self._read)
@@ -881,14 +886,19 @@ def _send(sock: socket.socket, data: bytes) -> bool:
     written: raised as ``_Closed``."""
     try:
         sent = sock.send(data)
-    except (BrokenPipeError, ConnectionResetError) as exc:
+    except _CUT as exc:
         raise _Closed() from exc
     if sent < len(data):
         try:
             sock.sendall(memoryview(data)[sent:])
-        except (BrokenPipeError, ConnectionResetError):
+        except _CUT:
             return False
     return True
+
+
+# A write to a connection the other side closed: over TLS, OpenSSL reports the broken pipe as
+# an EOF (ssl.SSLEOFError), and what the other side sent before it closed can still be read.
+_CUT = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError)
 
 
 def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None) -> tuple[bool, bytes]:
@@ -904,7 +914,7 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
     poller = select.poll()
     watch = select.POLLIN | select.POLLOUT
     poller.register(sock, watch)
-    wait = -1 if timeout is None else max(1, int(timeout * 1000))
+    wait = -1 if timeout is None else min(max(1, int(timeout * 1000)), MAX_POLL_MS)
     early = b""
     for block in body:
         view = memoryview(block)

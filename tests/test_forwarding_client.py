@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -27,7 +28,7 @@ from test_faults import read_all
 from werkzeug.test import EnvironBuilder
 
 from litefs_wsgi import forwarding
-from litefs_wsgi.forwarding import FailureLog, Forwarder
+from litefs_wsgi.forwarding import SMALL_BODY, FailureLog, Forwarder
 from litefs_wsgi.testing import LiteFSMount
 
 pytestmark = pytest.mark.timeout(120)
@@ -916,6 +917,69 @@ def test_an_upload_refused_early_through_the_standalone_proxy(tmp_path):
         target.close()
 
 
+class EarlyAnswerOverTLS(RawServer):
+    """Over TLS, answers ``answer`` once a request's head is in, then closes as Go's server
+    does after refusing a body: its write side at once, the connection a moment later
+    (the unread body then resets it)."""
+
+    def __init__(self, cert: str, key: str, answer: bytes) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.answer = answer
+        super().__init__()
+
+    def _connection(self, raw: socket.socket, number: int) -> None:
+        raw.settimeout(20)
+        try:
+            conn = self.context.wrap_socket(raw, server_side=True)
+        except OSError:
+            raw.close()
+            return
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                buf += more
+            conn.sendall(self.answer)
+            conn.shutdown(socket.SHUT_WR)
+            threading.Event().wait(0.3)
+
+
+def test_an_https_upload_refused_early_then_closed_gets_that_answer(tls_files):
+    # Over https the body is sent blindly, "to the end or until the target closes" (README):
+    # the close must end the upload as over http, with the target's answer, not a 502.
+    import ssl
+
+    cert, key = tls_files
+    answer = b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large"
+    target = EarlyAnswerOverTLS(cert, key, answer)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=20)
+        forwarder._tls = ssl.create_default_context(cafile=cert)
+        causes = []
+        forwarder.on_failure = lambda cause, to_primary: causes.append(cause)
+        url = f"https://127.0.0.1:{target.port}"
+        status, _, body = forward(forwarder, url, "POST", "/upload", b"x" * BIG)
+        assert (status, body, causes) == (413, b"too large", []), body
+        assert pooled(forwarder) == []
+    finally:
+        target.close()
+
+
+def test_an_upload_with_a_read_timeout_of_weeks_is_forwarded(upstream_factory):
+    # read_timeout "720h" (a month, for long-lived streams) is a valid option; poll(2) takes
+    # at most 2**31 - 1 ms (24.8 days): every body sent by _send_body raised OverflowError, a 500.
+    upstream = upstream_factory()
+    forwarder = Forwarder(connect_timeout=5, read_timeout=720 * 3600)
+    payload = b"x" * (SMALL_BODY + 1)
+    assert forward(forwarder, upstream.url, "POST", "/up", payload)[::2] == (200, b"ok")
+    assert upstream.requests[0][3] == payload
+
+
 # -- failed forwards are logged, boundedly ---------------------------------------------------
 
 
@@ -1117,3 +1181,85 @@ def test_splice_remote_splices_to_a_client_on_another_host(upstream_factory):
             received = client_process.communicate(timeout=30)[0]
     assert len(items) == 1 and len(items[0]) < size  # the rest went by splice(2)
     assert received == body[len(items[0]) :]
+
+
+# -- https:// targets ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl's command line)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+class TLSOverlong(RawServer):
+    """An https server whose first answer (of all) sends ``extra`` bytes past its Content-Length,
+    in the same TLS record as the body's last bytes (an app that counted characters, not
+    bytes, say); every later answer is ``fresh``."""
+
+    def __init__(self, cert: str, key: str, extra: bytes) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.extra = extra
+        self.answered = 0
+        super().__init__()
+
+    def _connection(self, raw: socket.socket, number: int) -> None:
+        raw.settimeout(20)
+        try:
+            conn = self.context.wrap_socket(raw, server_side=True)
+        except OSError:
+            raw.close()
+            return
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        more = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not more:
+                        return
+                    buf += more
+                buf = buf.partition(b"\r\n\r\n")[2]
+                self.answered += 1
+                if self.answered == 1:
+                    body = b"a" * 100_000  # several records: the last one is read on its own
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-10])
+                    time.sleep(0.2)
+                    conn.sendall(body[-10:] + self.extra)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+
+
+def test_bytes_past_an_https_answer_are_never_taken_for_the_next_answer(tls_files):
+    # Over plain TCP such bytes wait in the socket, and the poll before reuse sees them
+    # (test_bytes_sent_on_an_idle_connection_are_never_taken_for_the_next_answer). Over TLS
+    # they may already sit decrypted in the TLS buffer, where a poll cannot see them.
+    import ssl
+
+    cert, key = tls_files
+    server = TLSOverlong(cert, key, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        forwarder._tls = ssl.create_default_context(cafile=cert)
+        url = f"https://127.0.0.1:{server.port}"
+        status, _, body = forward(forwarder, url, "GET", "/first")
+        assert (status, len(body)) == (200, 100_000)
+        assert forward(forwarder, url, "GET", "/second")[::2] == (200, b"fresh")  # not "stale"
+        assert server.connections == 2
+    finally:
+        server.close()

@@ -207,3 +207,33 @@ def test_an_answer_other_than_101_failing_before_its_body_gets_the_proxys_error(
     )
     assert ws.body.startswith(f"Proxy error: {why}".encode()), ws.body
     assert "Set-Cookie" not in ws.headers and "Transfer-Encoding" not in ws.headers
+
+
+def test_an_idle_limit_of_weeks_keeps_the_tunnel_open(target, mount, tmp_path_factory):
+    # websocket_idle_timeout "720h" is a valid option; epoll takes at most 2**31 - 1 ms
+    # (24.8 days): the tunnel raised OverflowError and closed right after its 101.
+    directory = tmp_path_factory.mktemp("wsweeks")
+    config = proxy_config(directory, mount, f"127.0.0.1:{target.port}", websocket_idle_timeout="720h")
+    with standalone_proxy(config, threads=2) as url:
+        ws = Client.open(urlsplit(url).port)
+        assert ws.status == 101
+        assert ws.recv() == (TEXT, GREETING)
+        ws.send(b"still there?", TEXT)
+        assert ws.recv() == (TEXT, b"still there?")
+        ws.close()
+
+
+def test_the_tunnel_to_the_target_sends_small_frames_at_once():
+    # Go, under LiteFS's proxy, turns Nagle's algorithm off on every connection, as the
+    # forwarding client does: else a small frame behind one the target has not acknowledged
+    # yet (a chat, a cursor) waits for its delayed ACK, about 40 ms on Linux.
+    from litefs_wsgi import websocket
+    from litefs_wsgi.forwarding import Forwarder, destination
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        tunnel = websocket.connect(urlsplit(url), 5)
+        forwarded = Forwarder(5, 5).connect(destination(url))
+        for sock in (tunnel, forwarded):
+            with sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
