@@ -492,7 +492,6 @@ class LiteFSMiddleware:
         dbs, only, txid_of, header_of = self.config.db, self._only_db, self.watcher.txid, self.cookie.header_of
 
         def add_cookie(status, headers, exc_info=None):
-            # The position is read when the response starts: the app has committed by then.
             # One database, the usual case, without a comprehension: about 1,400 instructions fewer.
             txids = (txid_of(only),) if only is not None else tuple([txid_of(db) for db in dbs])
             if None in txids:
@@ -505,7 +504,39 @@ class LiteFSMiddleware:
                 headers = self._add_txid_header(headers, value_of(cookie))
             return start_response(status, [*headers, ("Set-Cookie", cookie)], exc_info)
 
-        return self.app(environ, add_cookie)
+        if not self._may_replay:
+            # The standalone proxy's target has sent its head when it calls start_response,
+            # which is when LiteFS's proxy reads the position.
+            return self.app(environ, add_cookie)
+        # The position is read when the server gets the answer's head, as LiteFS's proxy reads
+        # it when the head arrives: once the app has returned (Flask runs teardown_request,
+        # where some apps commit, after start_response: Pony ORM's db_session, "commit on
+        # teardown"), at its first write(), or, for a generator app, at its first item. Till
+        # then its start_response is held: ``held`` is empty, then holds what the app gave,
+        # then starts with None once the head may go (and the server's write() after a write()).
+        held: list = []
+
+        def hold(status, headers, exc_info=None):
+            if held and held[0] is None:
+                return add_cookie(status, headers, exc_info)
+            # A second call (an error, with exc_info) replaces the first: the server has seen
+            # neither, nothing was sent, and there is nothing to raise again.
+            held[:] = (status, headers)
+            return write
+
+        def write(data: bytes) -> None:
+            if held[0] is not None:
+                held[:] = (None, add_cookie(held[0], held[1]))
+            return held[1](data)
+
+        result = self.app(environ, hold)
+        if not held:
+            held.append(None)  # not called yet: a generator app, whose first item calls it
+        elif held[0] is not None:
+            status, headers = held
+            held[0] = None
+            add_cookie(status, headers)
+        return result
 
     def _add_txid_header(self, headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:
         """``headers`` with the ``txid_header`` set to ``value``, replacing the app's own."""

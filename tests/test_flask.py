@@ -438,3 +438,37 @@ def test_a_replay_that_finds_this_node_elected_runs_here_with_the_cookie(cluster
     assert (response.status_code, response.text) == (200, "visited on the primary\n")
     assert seen == ["visit", "visit"]  # asked, then ran here once elected
     assert int(txid_cookie(response), 16) == replica.position("app.db")
+
+
+def test_a_write_committed_in_teardown_gets_the_position_after_it(cluster):
+    """An app that commits as the request ends, in ``teardown_request`` (Pony ORM's Flask
+    integration, "commit on teardown"): Flask runs teardown after start_response but before
+    ``wsgi_app`` returns, so before the server sends the head. LiteFS's proxy reads the
+    position when the head arrives, after that commit: so must the middleware."""
+    from flask import g
+
+    primary, _ = cluster
+    app = Flask(__name__)
+
+    @app.post("/items")
+    def add_item():
+        g.db = sqlite3.connect(primary.db_path("app.db"), timeout=10)
+        g.db.execute("INSERT INTO items (name) VALUES (?)", (request.form["name"],))
+        return "added\n", 201
+
+    @app.teardown_request
+    def commit(exc):
+        conn = g.pop("db", None)
+        if conn is not None:
+            if exc is None:
+                conn.commit()
+            conn.close()
+            primary.sync("app.db")  # LiteFS moves the position at commit
+
+    app.wsgi_app = LiteFSMiddleware(app.wsgi_app, db="app.db", mount_dir=primary.path)
+    before = primary.position("app.db")
+    with serve(app) as url:
+        response = requests.post(url + "/items", data={"name": "plum"}, timeout=TIMEOUT)
+    assert response.status_code == 201
+    assert primary.position("app.db") == before + 1
+    assert int(txid_cookie(response), 16) == before + 1

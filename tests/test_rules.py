@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import threading
 
 import pytest
@@ -525,3 +526,43 @@ def test_no_debug_lines_without_debug(mount, caplog):
     c.post("/")
     c.get("/litefs/health")
     assert not [r for r in caplog.records if r.name == "litefs_wsgi" and r.levelno == logging.DEBUG]
+
+
+def test_a_write_gets_the_position_after_the_app_returns(mount):
+    """The position is read once the app has returned its answer (a framework may commit after
+    start_response, as Flask's teardown_request does), or as soon as it writes or yields."""
+    mount.set_position("app.db", 3)
+
+    def late_commit(environ, start_response):
+        start_response("200 OK", [])
+        mount.set_position("app.db", 4)  # committed after start_response, before returning
+        return [b"ok"]
+
+    def legacy_write(environ, start_response):
+        write = start_response("200 OK", [])
+        mount.set_position("app.db", 5)
+        write(b"written")  # the head goes out with this write: the position is read here
+        mount.set_position("app.db", 6)
+        return []
+
+    def generator(environ, start_response):
+        mount.set_position("app.db", 7)
+        start_response("201 Created", [])
+        yield b"generated"
+
+    def error_after_start(environ, start_response):
+        start_response("200 OK", [])
+        mount.set_position("app.db", 8)
+        try:
+            raise ValueError("after start_response")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())  # nothing sent yet: replaces it
+        return [b"failed"]
+
+    cases = [(late_commit, 4, b"ok"), (legacy_write, 5, b"written"), (generator, 7, b"generated")]
+    for app, txid, body in [*cases, (error_after_start, 8, b"failed")]:
+        c, _ = client(mount, app)
+        response = c.post("/w")
+        assert response.get_data() == body
+        assert cookie_of(response) == f"__txid={txid:016x}"
+    assert response.status_code == 500
