@@ -169,6 +169,12 @@ class LiteFSMiddleware:
         self.app = app
         self.config = config = config if config is not None else Config.load(**options)
         _warn_standalone_only(options)
+        if config.forward == "fly-replay" and not os.environ.get("FLY_APP_NAME"):
+            log.warning(
+                "forward is 'fly-replay' but FLY_APP_NAME is not set: this is not Fly.io, whose edge alone "
+                "replays a fly-replay answer. On a replica a write then gets an empty 200 and is never run, "
+                "unless a proxy in front replays it; set forward to 'http' to send writes to the primary."
+            )
         self.watcher: Watcher = get_watcher(config.mount_dir, config.poll_interval, config.api_url)
         set_default_watcher(self.watcher)
         self.cookie = TxidCookie(config.db, config.cookie_expiry, config.cookie_secret)

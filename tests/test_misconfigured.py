@@ -95,7 +95,8 @@ def test_a_fixed_primary_url_pointing_at_a_replica_is_refused_there_and_logged(t
     ]
 
 
-def test_a_request_fly_replayed_to_a_replica_names_the_replay_source(tmp_path, caplog):
+def test_a_request_fly_replayed_to_a_replica_names_the_replay_source(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("FLY_APP_NAME", "myapp")  # on Fly.io
     mount = LiteFSMount(tmp_path / "b")
     mount.make_replica("node-c")
     caplog.set_level(logging.WARNING, logger="litefs_wsgi")
@@ -161,4 +162,19 @@ def test_a_shared_config_file_or_environment_naming_the_target_says_nothing(tmp_
     caplog.set_level(logging.WARNING, logger="litefs_wsgi")
     middleware = LiteFSMiddleware(app)
     assert (middleware.config.target, middleware.config.addr) == ("http://localhost:8081", ":8080")
+    assert warnings(caplog) == []
+
+
+def test_fly_replay_off_fly_io_is_said_at_start_up(tmp_path, caplog, monkeypatch):
+    mount = LiteFSMount(tmp_path / "litefs")
+    mount.make_replica("node-a")
+    monkeypatch.delenv("FLY_APP_NAME", raising=False)
+    caplog.set_level(logging.WARNING, logger="litefs_wsgi")
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, forward="http")
+    assert warnings(caplog) == []
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, forward="fly-replay")
+    assert [m.partition(":")[0] for m in warnings(caplog)] == ["forward is 'fly-replay' but FLY_APP_NAME is not set"]
+    caplog.clear()
+    monkeypatch.setenv("FLY_APP_NAME", "myapp")  # on Fly.io: the default, and nothing to say
+    LiteFSMiddleware(app, db="app.db", mount_dir=mount.path, require_mount=False)
     assert warnings(caplog) == []
