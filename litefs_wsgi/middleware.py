@@ -517,14 +517,18 @@ class LiteFSMiddleware:
         # The position is read when the server gets the answer's head, as LiteFS's proxy reads
         # it when the head arrives: once the app has returned (Flask runs teardown_request,
         # where some apps commit, after start_response: Pony ORM's db_session, "commit on
-        # teardown"), at its first write(), or, for a generator app, at its first item. Till
-        # then its start_response is held: ``held`` is empty, then holds what the app gave,
-        # then starts with None once the head may go (and the server's write() after a write()).
+        # teardown"), at its first write(), or, for a generator app, at its own start_response
+        # (run as its first item is asked for). Till then its start_response is held: ``held``
+        # is empty, then holds what the app gave, then starts with None once the head may go
+        # (followed by the server's write()).
         held: list = []
 
         def hold(status, headers, exc_info=None):
-            if held and held[0] is None:
-                return add_cookie(status, headers, exc_info)
+            if held:
+                if held[0] is None:
+                    return add_cookie(status, headers, exc_info)
+                if exc_info is None:  # as the server would have said (PEP 3333: a fatal error)
+                    raise AssertionError("start_response called a second time without exc_info")
             # A second call (an error, with exc_info) replaces the first: the server has seen
             # neither, nothing was sent, and there is nothing to raise again.
             held[:] = (status, headers)
@@ -539,9 +543,8 @@ class LiteFSMiddleware:
         if not held:
             held.append(None)  # not called yet: a generator app, whose first item calls it
         elif held[0] is not None:
-            status, headers = held
-            held[0] = None
-            add_cookie(status, headers)
+            # The server's write(), for the app's if it writes from the iterable it returned.
+            held[:] = (None, add_cookie(*held))
         return result
 
     def _add_txid_header(self, headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:

@@ -566,3 +566,41 @@ def test_a_write_gets_the_position_after_the_app_returns(mount):
         assert response.get_data() == body
         assert cookie_of(response) == f"__txid={txid:016x}"
     assert response.status_code == 500
+
+
+def test_a_write_may_call_write_while_its_iterable_is_iterated(mount):
+    """The ``write`` start_response returned still writes once the app has returned: an app
+    may call it from the iterable it returned, as servers allow (here werkzeug's)."""
+    mount.set_position("app.db", 3)
+
+    def write_from_iterable(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            write(b"written, ")
+            yield b"yielded"
+
+        return body()
+
+    middleware = LiteFSMiddleware(write_from_iterable, db="app.db", mount_dir=mount.path)
+    with serve(middleware) as url:
+        response = urllib3.request("POST", url + "/w", retries=False, timeout=10)
+    assert (response.status, response.data) == (200, b"written, yielded")
+    assert response.headers["Set-Cookie"].split(";")[0] == f"__txid={3:016x}"
+
+
+def test_a_second_start_response_without_exc_info_is_still_an_error(mount):
+    """PEP 3333: calling start_response again without exc_info is a fatal error, which the
+    server reports (werkzeug's: a 500); holding the first call must not hide it."""
+    mount.set_position("app.db", 3)
+
+    def twice(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"twice"]
+
+    for app in (twice, LiteFSMiddleware(twice, db="app.db", mount_dir=mount.path)):
+        with serve(app) as url:
+            response = urllib3.request("POST", url + "/w", retries=False, timeout=10)
+        assert response.status == 500
+        assert b"twice" not in response.data
