@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from proxy_ws import read_head
 from servers import ROOT, RawServer, free_port, gunicorn, listening, proxy_config, standalone_proxy, wait_until
 from test_faults import read_all
 from werkzeug.test import EnvironBuilder
@@ -812,20 +813,17 @@ class EarlyAnswer(RawServer):
     def _connection(self, conn: socket.socket, number: int) -> None:
         with conn:
             conn.settimeout(20)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                buf += more
-            head, _, body = buf.partition(b"\r\n\r\n")
+            try:
+                head = read_head(conn)  # nothing of the body read
+            except EOFError:
+                return
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
             conn.sendall(self.answer)
             if not self.reads_on:
                 if not self._release.wait(self.hold):  # neither reads nor closes
                     self.gave_up.set()
                 return
-            got = len(body)
+            got = 0
             while got < length:
                 more = conn.recv(1 << 20)
                 if not more:
@@ -917,17 +915,15 @@ def test_an_upload_refused_early_through_the_standalone_proxy(tmp_path):
         target.close()
 
 
-class EarlyAnswerOverTLS(RawServer):
-    """Over TLS, answers ``answer`` once a request's head is in, then closes as Go's server
-    does after refusing a body: its write side at once, the connection a moment later
-    (the unread body then resets it)."""
+class TLSServer(RawServer):
+    """A RawServer over TLS with ``cert`` and ``key``: each connection, once its handshake is
+    done, goes to ``_tls_connection(conn, number)``."""
 
-    def __init__(self, cert: str, key: str, answer: bytes) -> None:
+    def __init__(self, cert: str, key: str) -> None:
         import ssl
 
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
-        self.answer = answer
         super().__init__()
 
     def _connection(self, raw: socket.socket, number: int) -> None:
@@ -938,15 +934,29 @@ class EarlyAnswerOverTLS(RawServer):
             raw.close()
             return
         with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                buf += more
-            conn.sendall(self.answer)
-            conn.shutdown(socket.SHUT_WR)
-            threading.Event().wait(0.3)
+            self._tls_connection(conn, number)
+
+    def _tls_connection(self, conn, number: int) -> None:
+        raise NotImplementedError
+
+
+class EarlyAnswerOverTLS(TLSServer):
+    """Over TLS, answers ``answer`` once a request's head is in, then closes as Go's server
+    does after refusing a body: its write side at once, the connection a moment later
+    (the unread body then resets it)."""
+
+    def __init__(self, cert: str, key: str, answer: bytes) -> None:
+        self.answer = answer
+        super().__init__(cert, key)
+
+    def _tls_connection(self, conn, number: int) -> None:
+        try:
+            read_head(conn)
+        except EOFError:
+            return
+        conn.sendall(self.answer)
+        conn.shutdown(socket.SHUT_WR)
+        threading.Event().wait(0.3)
 
 
 def test_an_https_upload_refused_early_then_closed_gets_that_answer(tls_files):
@@ -1202,47 +1212,36 @@ def tls_files(tmp_path_factory) -> tuple[str, str]:
     return cert, key
 
 
-class TLSOverlong(RawServer):
+class TLSOverlong(TLSServer):
     """An https server whose first answer (of all) sends ``extra`` bytes past its Content-Length,
     in the same TLS record as the body's last bytes (an app that counted characters, not
     bytes, say); every later answer is ``fresh``."""
 
     def __init__(self, cert: str, key: str, extra: bytes) -> None:
-        import ssl
-
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
         self.extra = extra
         self.answered = 0
-        super().__init__()
+        super().__init__(cert, key)
 
-    def _connection(self, raw: socket.socket, number: int) -> None:
-        raw.settimeout(20)
-        try:
-            conn = self.context.wrap_socket(raw, server_side=True)
-        except OSError:
-            raw.close()
-            return
-        with conn:
-            buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        more = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not more:
-                        return
-                    buf += more
-                buf = buf.partition(b"\r\n\r\n")[2]
-                self.answered += 1
-                if self.answered == 1:
-                    body = b"a" * 100_000  # several records: the last one is read on its own
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-10])
-                    time.sleep(0.2)
-                    conn.sendall(body[-10:] + self.extra)
-                else:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+    def _tls_connection(self, conn, number: int) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                try:
+                    more = conn.recv(65536)
+                except OSError:
+                    return
+                if not more:
+                    return
+                buf += more
+            buf = buf.partition(b"\r\n\r\n")[2]
+            self.answered += 1
+            if self.answered == 1:
+                body = b"a" * 100_000  # several records: the last one is read on its own
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-10])
+                time.sleep(0.2)
+                conn.sendall(body[-10:] + self.extra)
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
 
 
 def test_bytes_past_an_https_answer_are_never_taken_for_the_next_answer(tls_files):
