@@ -69,9 +69,10 @@ def _parse_go_duration(text: str, name: str) -> float:
 def _bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+    # y and n too: LiteFS's yaml.v3 reads them into a bool, PyYAML leaves them strings.
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "y", "on"):
         return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "n", "off", ""):
         return False
     raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
@@ -467,7 +468,8 @@ def read_yaml(path: str, env: Mapping[str, str] | None = None, expand_env: bool 
                 f"config file {path!r}: unknown key proxy.{key}"
                 + _did_you_mean(str(key), [k for k in known if k != "mount-dir"])
             )
-        options[known[key]] = value
+        if value is not None:  # "key:" with no value keeps the default, as in LiteFS (yaml.v3)
+            options[known[key]] = value
     fuse, http = doc.get("fuse") or {}, doc.get("http") or {}
     if isinstance(fuse, dict) and fuse.get("dir"):
         options["mount_dir"] = fuse["dir"]

@@ -373,6 +373,37 @@ def test_yaml_without_http_section_has_no_api_url(tmp_path):
     assert Config.from_yaml(write(tmp_path, "proxy:\n  db: app.db\n")).api_url is None
 
 
+def test_yaml_key_without_a_value_keeps_the_default(tmp_path):
+    # LiteFS (yaml.v3) leaves an option at its default when its key has no value: a list whose
+    # items are all commented out, a key left empty, "~" or null.
+    path = write(
+        tmp_path,
+        """
+        proxy:
+          db: app.db
+          passthrough:
+            # - "/static/*"
+          always-forward: ~
+          max-lag:
+          poll-timeout: null
+          debug:
+          forward:
+          replay-on-readonly:
+        """,
+    )
+    assert Config.from_yaml(path) == Config(db="app.db")
+
+
+@pytest.mark.parametrize(
+    ("written", "value"), [("y", True), ("Y", True), ("yes", True), ("On", True), ("n", False), ("N", False)]
+)
+def test_yaml_booleans_as_litefs_reads_them(tmp_path, written, value):
+    # yaml.v3, which LiteFS uses, takes YAML 1.1's y/Y/n/N into a bool; PyYAML leaves them strings.
+    path = write(tmp_path, f"proxy:\n  db: app.db\n  debug: {written}\n  replay-on-readonly: {written}\n")
+    config = Config.from_yaml(path)
+    assert config.debug is value and config.replay_on_readonly is value
+
+
 @pytest.mark.parametrize("key", ["poll_timeout", "mount-dir", "dir", "bogus"])
 def test_yaml_unknown_proxy_key_is_an_error_naming_it(tmp_path, key):
     path = write(tmp_path, f"proxy:\n  db: app.db\n  {key}: 5\n")
