@@ -35,6 +35,7 @@ _SOCKET_OPTIONS = [
     ),
 ]
 MAX_LINE = 1 << 20
+_NOT_LITEFS = " (is api_url LiteFS's HTTP API, its http.addr?)"
 
 
 class EventStream:
@@ -116,6 +117,8 @@ class EventStream:
                     self._handle(line)
                 if len(buffer) > MAX_LINE:
                     raise OSError("an event line over 1 MiB")
+            if not self.connected:  # else a server that is not LiteFS would be asked again every 0.1 s
+                raise OSError(f"the answer ended without LiteFS's init event{_NOT_LITEFS}")
         except BaseException:
             response.close()  # never return a connection mid-stream to the pool
             raise
@@ -130,8 +133,12 @@ class EventStream:
             event = json.loads(line)
             kind, data = event.get("type"), event.get("data") or {}
         except (ValueError, AttributeError):
+            if not self.connected:  # LiteFS's first line is always init: this is not LiteFS
+                raise OSError(f"the answer starts with {line[:100]!r}, not LiteFS's init event{_NOT_LITEFS}") from None
             log.warning("ignoring a malformed LiteFS event: %r", line[:200])
             return
+        if not self.connected and kind != "init":
+            raise OSError(f"the answer starts with {line[:100]!r}, not LiteFS's init event{_NOT_LITEFS}")
         if kind in ("init", "primaryChange") and isinstance(data, dict):
             hostname = data.get("hostname") or None
             if hostname is not None and not (isinstance(hostname, str) and valid_hostname(hostname)):

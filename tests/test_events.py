@@ -318,3 +318,27 @@ def test_a_database_dropped_after_its_tx_events_has_nothing_to_wait_for(replica,
     replica.remove_position("app.db")
     assert watcher.txid("app.db") is None
     assert watcher.wait({"app.db": 9}, 10)  # at once: before the fix, False after 10 s
+
+
+def test_an_api_url_that_is_not_litefs_backs_off_and_is_one_warning(replica, closing, caplog):
+    # api_url at the app itself, or any server answering every path with 200 and a page:
+    # each answer ends cleanly, but none is LiteFS's stream (its first line is always init).
+    hits: list = []
+
+    def page(environ, start_response):
+        hits.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<!doctype html>\n<html>\n<body>hello</body>\n</html>\n"]
+
+    with caplog.at_level("DEBUG", logger="litefs_wsgi"), serve(page) as url:
+        watcher = Watcher(Node(replica.path), api_url=url)
+        closing(watcher)
+        wait_until(lambda: hits, 10, "the first request")
+        threading.Event().wait(2.0)
+        watcher.close()
+    # Backoff from 0.1 s doubling: connections at about 0, 0.1, 0.3, 0.7, 1.5 s.
+    assert len(hits) <= 6, f"{len(hits)} connections in 2 s"
+    assert not watcher.events.connected and watcher.role() == (False, "node-a")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert url in warnings[0].getMessage() and "init" in warnings[0].getMessage()
