@@ -225,7 +225,10 @@ def _info(api_url: str) -> dict | str:
         info = json.loads(response.data)
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         return f"unreachable ({exc})"
-    return info if isinstance(info, dict) else f"unexpected answer {info!r:.100}"
+    # LiteFS's /info always says isPrimary: without it this is some other server's JSON.
+    if isinstance(info, dict) and isinstance(info.get("isPrimary"), bool):
+        return info
+    return f"unexpected answer {info!r:.100} (is this LiteFS's HTTP API, its http.addr?)"
 
 
 def _role_from_info(info: dict) -> tuple[bool, str | None]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from servers import ROOT, FakeLiteFS, free_port
+from servers import ROOT, FakeLiteFS, free_port, serve
 
 from litefs_wsgi.testing import LiteFSMount
 
@@ -112,6 +112,22 @@ def test_the_api_url_from_a_litefs_yml(mount, tmp_path):
         config.write_text(f"fuse:\n  dir: {mount.path}\nhttp:\n  addr: {litefs.url.split('//')[1]}\n")
         out = lines(status("--config", str(config)))
     assert out["primary"] == "node-c"
+
+
+def test_an_api_url_that_is_not_litefs_is_exit_1_and_leaves_the_files_in_charge(mount):
+    # An app answering JSON on every path (a catch-all, a health endpoint): not LiteFS's /info,
+    # which always says isPrimary; its silence must not read as "a replica during an election".
+    def any_json(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"status": "ok"}']
+
+    mount.make_replica("node-a")
+    with serve(any_json) as url:
+        output = status("--dir", mount.path, "--api-url", url, code=1)
+    out = lines(output)
+    assert out["role"] == "replica (from the mount's .primary file)"
+    assert out["primary"] == "node-a"
+    assert f"api {url}/info: unexpected answer" in output
 
 
 def test_an_unreachable_api_leaves_the_files_in_charge(mount):
