@@ -10,7 +10,7 @@ from typing import Any
 from django.apps import AppConfig
 
 from .config import Config, ConfigError, options_and_sources
-from .middleware import REPLAY_HEADER, STANDALONE_ONLY, LiteFSMiddleware, ReplayOnPrimary
+from .middleware import REPLAY_HEADER, LiteFSMiddleware, ReplayOnPrimary, standalone_only
 from .readonly import REPLAY_FAILED_KEY, should_replay
 
 # get_wsgi_application's keyword options, which win over settings.LITEFS, for check_settings;
@@ -105,7 +105,7 @@ def check_settings(app_configs=None, **kwargs) -> list:
                 message, hint="LITEFS holds litefs-wsgi's options by name", obj="settings.LITEFS", id="litefs_wsgi.E001"
             )
         ]
-    ignored = [name for name in STANDALONE_ONLY if name in litefs]
+    ignored = standalone_only(litefs)
     if ignored:
         return [
             Warning(

@@ -880,6 +880,11 @@ class Forwarder:
         return error(start_response, code, f"Proxy error: {why}")
 
 
+# A write to a connection the other side closed: over TLS, OpenSSL reports the broken pipe as
+# an EOF (ssl.SSLEOFError), and what the other side sent before it closed can still be read.
+_CUT = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError)
+
+
 def _send(sock: socket.socket, data: bytes) -> bool:
     """Send ``data``; False when the other side stopped taking it part way (read what it
     answered, if anything). A reset or broken pipe on the first write means nothing was
@@ -894,11 +899,6 @@ def _send(sock: socket.socket, data: bytes) -> bool:
         except _CUT:
             return False
     return True
-
-
-# A write to a connection the other side closed: over TLS, OpenSSL reports the broken pipe as
-# an EOF (ssl.SSLEOFError), and what the other side sent before it closed can still be read.
-_CUT = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError)
 
 
 def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None) -> tuple[bool, bytes]:
@@ -928,7 +928,7 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
                     more = sock.recv(CHUNK, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     more = None
-                except (BrokenPipeError, ConnectionResetError):
+                except _CUT:
                     return True, early
                 if more == b"":
                     return True, early  # closed: read_answer says what came, if anything
@@ -947,7 +947,7 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
                 sent = sock.send(view, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
-            except (BrokenPipeError, ConnectionResetError):
+            except _CUT:
                 return True, early
             view = view[sent:]
     return False, early

@@ -10,7 +10,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from werkzeug.exceptions import HTTPException
@@ -554,11 +554,16 @@ class LiteFSMiddleware:
         return [*(h for h in headers if h[0].lower() != lower), (name, value)]
 
 
+def standalone_only(options: Mapping[str, Any]) -> list[str]:
+    """The options among ``options`` that only the standalone proxy reads (STANDALONE_ONLY)."""
+    return [name for name in STANDALONE_ONLY if name in options]
+
+
 def _warn_standalone_only(options: dict[str, Any]) -> None:
     """Say that options given to the middleware itself (by keyword, the Flask extension's
     ``LITEFS_*`` keys or Django's ``settings.LITEFS``) do nothing in-process. Not for the
     file in ``LITEFS_WSGI_CONFIG`` or ``LITEFS_PROXY_*``, which a standalone proxy may share."""
-    ignored = [name for name in STANDALONE_ONLY if name in options]
+    ignored = standalone_only(options)
     if ignored:
         log.warning(
             "LiteFSMiddleware ignores %s: %s only the standalone proxy's (litefs-wsgi serve). In-process the "

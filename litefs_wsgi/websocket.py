@@ -143,9 +143,9 @@ def pipe(client: socket.socket, upstream: socket.socket, idle_timeout: float | N
     with selectors.DefaultSelector() as selector:
         for sock in other:
             selector.register(sock, selectors.EVENT_READ)
+        # epoll takes a C int of milliseconds: a longer idle limit is capped there.
+        wait = None if idle_timeout is None else min(idle_timeout, MAX_POLL_MS // 1000 - 1)
         while True:
-            # epoll takes a C int of milliseconds: a longer idle limit is capped there.
-            wait = None if idle_timeout is None else min(idle_timeout, MAX_POLL_MS // 1000 - 1)
             ready = {key.fileobj for key, _ in selector.select(wait)}
             ready.update(sock for sock in other if _pending(sock))  # TLS bytes select() cannot see
             if not ready:
