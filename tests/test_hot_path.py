@@ -426,6 +426,25 @@ def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
     node.close()
 
 
+def test_while_reads_go_on_the_nodes_thread_wakes_once_a_second_at_most(mount):
+    # Each time it wakes while a request thread is busy, it waits for the GIL behind that
+    # thread's preads and slows a quarter of them tenfold (node.py, IDLE_FOR): it must not look
+    # more often than a descriptor may go idle (once a second), nor be woken when one is opened
+    # again (every KEEP_FOR).
+    mount.set_position("app.db", 5)
+    node = Node(mount.path, keep_open=True)
+    wakes = []
+    release_idle = node.release_idle
+    node.release_idle = lambda: wakes.append(time.monotonic()) or release_idle()
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # reads on, each a kept pread
+        assert node.txid("app.db") == 5
+        time.sleep(0.001)
+    reads_for = time.monotonic() - started
+    node.close()
+    assert len(wakes) <= reads_for + 1, wakes  # every 0.1 s, and at each re-open: 25 and more
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_a_descriptor_kept_while_the_nodes_thread_waits_to_close_others_is_let_go_when_idle(mount, monkeypatch):
     # Its thread, with only descriptors let go, sleeps until the first is due (RETIRED_FOR):
