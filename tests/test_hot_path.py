@@ -426,11 +426,12 @@ def test_an_idle_node_holds_nothing_open_on_the_mount(mount, monkeypatch):
     node.close()
 
 
-def test_while_reads_go_on_the_nodes_thread_wakes_once_a_second_at_most(mount):
+def test_while_reads_go_on_the_nodes_thread_wakes_about_once_a_second_not_ten_times(mount):
     # Each time it wakes while a request thread is busy, it waits for the GIL behind that
     # thread's preads and slows a quarter of them tenfold (node.py, IDLE_FOR): it must not look
     # more often than a descriptor may go idle (once a second), nor be woken when one is opened
-    # again (every KEEP_FOR).
+    # again (every KEEP_FOR). Twice a second allowed: a busy machine that freezes this thread for
+    # a second has its descriptor let go and opened again, which may wake it once more.
     mount.set_position("app.db", 5)
     node = Node(mount.path, keep_open=True)
     wakes = []
@@ -442,7 +443,7 @@ def test_while_reads_go_on_the_nodes_thread_wakes_once_a_second_at_most(mount):
         time.sleep(0.001)
     reads_for = time.monotonic() - started
     node.close()
-    assert len(wakes) <= reads_for + 1, wakes  # every 0.1 s, and at each re-open: 25 and more
+    assert len(wakes) <= 2 * reads_for, wakes  # every 0.1 s, and at each re-open: 24 and more
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
