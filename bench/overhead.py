@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in sides if index % 2 == 0 else reversed(sides):
                     if side and keep[side - 1] is not None:
                         for node in nodes.values():
-                            node.keep_open = keep[side - 1]
+                            node.set_keep_open(keep[side - 1])
                     times[side] = per_request(wrapped if side else bare, env, args.n, clock)
                 samples[name].append(times)
         reads = position_reads(cluster, args.rounds) if cluster is not None else []

@@ -287,8 +287,7 @@ class LiteFSMiddleware:
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
-            self._metrics.write_primary()
-            return self._serve_write(environ, start_response)
+            return self._write(environ, start_response, method, path, replayed, writes=True)
         if not self._may_replay:
             served()
             return self.app(environ, start_response)
@@ -423,7 +422,20 @@ class LiteFSMiddleware:
             if method in ("GET", "HEAD") and not replayed and not writes:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
                 return self.app(environ, start_response)
-            return self._serve_write(environ, start_response)
+            head = _HeldHead(self._add_cookie, start_response, environ.get("wsgi.url_scheme") == "https")
+            if not self._may_replay:
+                # The standalone proxy's target has sent its head when it calls start_response,
+                # which is when LiteFS's proxy reads the position.
+                head.released = True
+                return self.app(environ, head)
+            # The position is read when the server gets the answer's head, as LiteFS's proxy
+            # reads it when the head arrives: once the app has returned (Flask runs
+            # teardown_request, where some apps commit, after start_response: Pony ORM's
+            # db_session, "commit on teardown"), at its first write(), or, for a generator app,
+            # at its own start_response (run as its first item is asked for).
+            result = self.app(environ, head)
+            head.release()
+            return result
         if self.config.forward == "fly-replay" and _replayable(environ):
             self._debug("fly-replay", method, path, primary)
             self._metrics.fly_replay()
@@ -492,22 +504,6 @@ class LiteFSMiddleware:
                 db,
                 f"The mount holds: {', '.join(seen)}." if seen else "The mount holds no database.",
             )
-
-    def _serve_write(self, environ, start_response) -> Iterable[bytes]:
-        head = _HeldHead(self._add_cookie, start_response, environ.get("wsgi.url_scheme") == "https")
-        if not self._may_replay:
-            # The standalone proxy's target has sent its head when it calls start_response,
-            # which is when LiteFS's proxy reads the position.
-            head.released = True
-            return self.app(environ, head)
-        # The position is read when the server gets the answer's head, as LiteFS's proxy reads
-        # it when the head arrives: once the app has returned (Flask runs teardown_request,
-        # where some apps commit, after start_response: Pony ORM's db_session, "commit on
-        # teardown"), at its first write(), or, for a generator app, at its own start_response
-        # (run as its first item is asked for).
-        result = self.app(environ, head)
-        head.release()
-        return result
 
     def _add_cookie(self, start_response, secure: bool, status: str, headers: list, exc_info=None):
         """Call the server's ``start_response`` with the ``__txid`` cookie of the position now."""

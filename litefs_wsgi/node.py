@@ -295,13 +295,31 @@ class Node:
         """The TXID of the database's position (what a request needs, parsed alone), or what
         ``parse`` makes of the file (``pos`` passes ``parse_pos``); None when it does not exist
         yet or cannot be read."""
-        # Read on every write: no method between this and _read (a Python call costs about
-        # what the read(2) does).
+        # Read on every write: a descriptor kept and still serving is read here, with no call
+        # between this and the pread(2) (a Python call costs about what the read does).
+        kept = self._kept.get(db)
+        if kept is not None:
+            now = self.clock()
+            if now < kept[1]:  # a deadline: one comparison per write
+                kept[2] = now
+                try:
+                    data = os.pread(kept[0], _MAX_CONTROL_FILE, 0)
+                except OSError:
+                    data = b""  # the mount went away (ENOTCONN): opening again says why
+                if data:  # else let go meanwhile (/dev/null reads nothing): opened below
+                    value = parse(data)
+                    if value is not None:
+                        return value
+        return self._read_pos(db, parse, kept)
+
+    def _read_pos(self, db: str, parse: Callable[[bytes], T | None], kept: list | None = None) -> T | None:
+        """``txid`` with the file opened: for each read, or to keep a descriptor (again) in
+        place of ``kept``, the one this thread found past its time or let go."""
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
         try:
-            data = self._pread(db, path) if self.keep_open else _read(path)
+            data = self._open_kept(db, path, kept) if self.keep_open else _read(path)
         except OSError as exc:  # a directory, no permission, the mount going away
             self._report(logging.WARNING, db, str(exc), "cannot read the position of %s: %s", db, exc)
             return None
@@ -312,19 +330,9 @@ class Node:
             self._report(logging.WARNING, db, data, "ignoring a malformed position file for %s: %r", db, data[:64])
         return value
 
-    def _pread(self, db: str, path: str) -> bytes | None:
-        """``_read(path)`` through a descriptor kept for KEEP_FOR, or less while idle."""
-        kept = self._kept.get(db)
-        if kept is not None:
-            now = self.clock()
-            if now < kept[1]:  # a deadline: one comparison per write
-                kept[2] = now
-                try:
-                    data = os.pread(kept[0], _MAX_CONTROL_FILE, 0)
-                except OSError:
-                    data = b""  # the mount went away (ENOTCONN): opening again says why
-                if data:
-                    return data  # else let go meanwhile (/dev/null reads nothing): open it
+    def _open_kept(self, db: str, path: str, kept: list | None) -> bytes | None:
+        """``_read(path)`` through a descriptor opened now in place of ``kept`` and kept for
+        KEEP_FOR, or less while idle; or through the one another thread has just opened."""
         with self._lock:
             if not self.keep_open:
                 return _read(path)  # turned off while this thread waited for the lock
