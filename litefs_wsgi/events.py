@@ -14,10 +14,13 @@ from .txid import parse_txid
 
 log = logging.getLogger("litefs_wsgi")
 
-# LiteFS sends nothing while the cluster is idle, so silence is no failure: a read timeout
-# would only drop a healthy stream every so often (and leave the files in charge meanwhile).
-# TCP keepalive instead notices a connection whose peer vanished (no FIN ever arrives),
-# after about KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT seconds.
+# LiteFS writes its init event as soon as the stream opens: an answer (head or first line)
+# slower than this is a server that is not LiteFS's API, or one that hangs, and is said so.
+INIT_TIMEOUT = 5.0
+# After init, LiteFS sends nothing while the cluster is idle, so silence is no failure: a read
+# timeout would only drop a healthy stream every so often (and leave the files in charge
+# meanwhile). TCP keepalive instead notices a connection whose peer vanished (no FIN ever
+# arrives), after about KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT seconds.
 READ_TIMEOUT = None
 CONNECT_TIMEOUT = 5.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
@@ -61,11 +64,12 @@ class EventStream:
             num_pools=1,
             maxsize=1,
             retries=False,
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=INIT_TIMEOUT),  # READ_TIMEOUT once connected
             socket_options=_SOCKET_OPTIONS,
         )
         self._response = None
         self._failing = False
+        self._read_timeout = urllib3.exceptions.ReadTimeoutError
         self._thread = threading.Thread(target=self._run, name="litefs-events", daemon=True)
         self._thread.start()
 
@@ -102,7 +106,10 @@ class EventStream:
             backoff = min(backoff * 2, self.max_backoff)
 
     def _follow(self) -> None:
-        response = self._http.request("GET", self.url, preload_content=False, redirect=False)
+        try:
+            response = self._http.request("GET", self.url, preload_content=False, redirect=False)
+        except self._read_timeout as exc:
+            raise OSError(f"no answer within {INIT_TIMEOUT:g} s{_NOT_LITEFS}") from exc
         self._response = response
         try:
             if response.status != 200:
@@ -119,6 +126,11 @@ class EventStream:
                     raise OSError("an event line over 1 MiB")
             if not self.connected:  # else a server that is not LiteFS would be asked again every 0.1 s
                 raise OSError(f"the answer ended without LiteFS's init event{_NOT_LITEFS}")
+        except (self._read_timeout, TimeoutError) as exc:
+            response.close()
+            if self.connected:  # a socket whose timeout could not be lifted (see _no_read_timeout)
+                raise
+            raise OSError(f"no init event within {INIT_TIMEOUT:g} s{_NOT_LITEFS}") from exc
         except BaseException:
             response.close()  # never return a connection mid-stream to the pool
             raise
@@ -149,6 +161,7 @@ class EventStream:
                 # TXIDs from an earlier connection may predate a restart on a restored
                 # database: until the next tx event the file decides.
                 self.txids = {}
+                self._no_read_timeout()
                 self.connected = True
                 if self._failing:
                     log.warning("LiteFS event stream %s is back", self.url)
@@ -163,6 +176,18 @@ class EventStream:
         else:
             return
         self.on_change()
+
+    def _no_read_timeout(self) -> None:
+        """From init on, the stream may be silent for as long as the cluster is idle."""
+        response = self._response
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is None:
+            # An answer with "Connection: close" took the socket from its connection: it is
+            # the one under the response's file (http.client's, then socket.SocketIO's).
+            raw = getattr(getattr(getattr(response, "_fp", None), "fp", None), "raw", None)
+            sock = getattr(raw, "_sock", None)
+        if isinstance(sock, socket.socket):
+            sock.settimeout(READ_TIMEOUT)
 
     def _set_disconnected(self) -> None:
         if self.connected:

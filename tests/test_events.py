@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -342,3 +343,75 @@ def test_an_api_url_that_is_not_litefs_backs_off_and_is_one_warning(replica, clo
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert url in warnings[0].getMessage() and "init" in warnings[0].getMessage()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that takes connections and answers ``head`` (the bytes its
+    ``head`` list holds; none by default) to each request, then nothing more."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    head: list[bytes] = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)  # the request
+                conn.sendall(b"".join(head))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", head, held
+    stop.set()
+    thread.join(5)
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "head, said",
+    [
+        ([], "no answer within 0.3 s"),
+        (
+            [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"],
+            "no init event within 0.3 s",
+        ),
+    ],
+)
+def test_an_api_url_that_never_answers_is_a_warning_and_the_files_decide(
+    replica, closing, caplog, monkeypatch, silent_server, head, said
+):
+    # A port that takes the connection and says nothing (a firewall's, a hung server's) or
+    # an answer whose stream never starts: LiteFS writes init at once, so it is not LiteFS's
+    # API. Before, no read timeout: the thread waited for ever, and nothing was said.
+    url, sent, held = silent_server
+    sent.extend(head)
+    monkeypatch.setattr(events, "INIT_TIMEOUT", 0.3)
+    with caplog.at_level("WARNING", logger="litefs_wsgi"):
+        watcher = Watcher(Node(replica.path), api_url=url)
+        closing(watcher)
+        wait_until(lambda: any(said in r.getMessage() for r in caplog.records), 10, "the warning")
+        wait_until(lambda: len(held) >= 2, 10, "a second try, after the backoff")
+    warning = next(r.getMessage() for r in caplog.records if said in r.getMessage())
+    assert url in warning and "api_url" in warning
+    assert not watcher.events.connected and watcher.role() == (False, "node-a")
+
+
+def test_a_stream_silent_longer_than_the_init_timeout_stays_connected(replica, litefs, closing, monkeypatch):
+    # The timeout is for the answer and its init event only: after init, LiteFS is silent
+    # while the cluster is idle.
+    monkeypatch.setattr(events, "INIT_TIMEOUT", 0.3)
+    watcher = connected_watcher(replica, litefs.url, closing)
+    threading.Event().wait(1.5)
+    assert watcher.events.connected and litefs.connections == 1
+    litefs.send(tx_event("app.db", 7))
+    wait_until(lambda: watcher.events.txids.get("app.db") == 7, 10, "the tx event")
