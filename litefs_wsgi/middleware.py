@@ -235,7 +235,7 @@ class LiteFSMiddleware:
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
             self._metrics.passthrough()
-            return self.app(environ, start_response)
+            return self._pass(environ, start_response, method, path)
         if method == "GET":
             if path == HEALTH_PATH:
                 self._metrics.health()
@@ -249,6 +249,38 @@ class LiteFSMiddleware:
     def _debug(self, decision: str, method: str, path: str, *details: Any) -> None:
         if self.config.debug:
             log.debug("%s %s: %s%s", method, path, decision, "".join(f" {d}" for d in details))
+
+    def _pass(self, environ, start_response, method, path) -> Iterable[bytes]:
+        """The app's answer to a passthrough path, untouched; but a view there that raised
+        ReplayOnPrimary asked for what a passthrough path never gets (a forward): its 503,
+        and the header that is ours, would reach the client saying the middleware is not
+        installed. Said instead, as a replay requested on the primary is."""
+        replay: list[bool] = []
+        returned = False
+
+        def checked(status, headers, exc_info=None):
+            if "503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers):
+                if not returned:
+                    replay.append(True)
+                    return lambda data: None
+                headers = [header for header in headers if header[0] != REPLAY_HEADER]  # a generator's
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, checked)
+        returned = True
+        if not replay:
+            return result
+        if hasattr(result, "close"):
+            result.close()
+        if self._warning_due("passthrough replay"):
+            log.error(
+                "ReplayOnPrimary raised for %s %s, a passthrough path: litefs-wsgi serves those untouched and "
+                "never sends them to the primary. Remove the path from passthrough (logged at most once a minute)",
+                method,
+                path,
+            )
+        self._metrics.error()
+        return errors.error(start_response, 500, "Proxy error: replay requested on a passthrough path")
 
     def _health(self, start_response) -> Iterable[bytes]:
         if self.config.require_mount and self.watcher.mount_problem() is not None:

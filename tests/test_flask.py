@@ -472,3 +472,29 @@ def test_a_write_committed_in_teardown_gets_the_position_after_it(cluster):
     assert response.status_code == 201
     assert primary.position("app.db") == before + 1
     assert int(txid_cookie(response), 16) == before + 1
+
+
+def test_replay_on_primary_on_a_passthrough_path_is_said_not_leaked(replica, caplog):
+    # A passthrough path is served untouched, never sent to the primary: a view there that
+    # asks for the primary is a conflict in the setup. Before, the client got the 503 "LiteFSMiddleware
+    # is not installed" with the internal X-LiteFS-Replay header, and nothing was logged.
+    seen: list[str] = []
+    app = visiting_app(replica, seen)
+
+    @app.get("/static/<name>")
+    def static_file(name):
+        return f"file {name}\n"
+
+    install(app, "extension", replica, passthrough=["/visit", "/static/*"])
+    with caplog.at_level("ERROR", logger="litefs_wsgi"), serve(app) as url:
+        response = requests.get(url + "/visit", timeout=10)
+        again = requests.get(url + "/visit", timeout=10)
+        other = requests.get(url + "/static/a.css", timeout=10)
+    for answer in (response, again):
+        assert answer.status_code == 500
+        assert answer.text == "Proxy error: replay requested on a passthrough path\n"
+        assert "X-LiteFS-Replay" not in answer.headers and "fly-replay" not in answer.headers
+    assert seen == ["visit", "visit"]
+    assert (other.status_code, other.text) == (200, "file a.css\n")  # the rest untouched
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "/visit" in errors[0] and "passthrough" in errors[0], errors
