@@ -234,7 +234,6 @@ class LiteFSMiddleware:
         method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
-            self._metrics.passthrough()
             return self._pass(environ, start_response, method, path)
         if method == "GET":
             if path == HEALTH_PATH:
@@ -269,6 +268,7 @@ class LiteFSMiddleware:
         result = self.app(environ, checked)
         returned = True
         if not replay:
+            self._metrics.passthrough()  # counted once: as a passthrough, or as the error below
             return result
         if hasattr(result, "close"):
             result.close()
