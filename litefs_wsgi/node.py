@@ -308,8 +308,9 @@ class Node:
                     data = b""  # the mount went away (ENOTCONN): opening again says why
                 if data:  # else let go meanwhile (/dev/null reads nothing): opened below
                     value = parse(data)
-                    if value is not None:
-                        return value
+                    if value is None:  # said, and not opened again: the file is as LiteFS serves it
+                        self._report_malformed(db, data)
+                    return value
         return self._read_pos(db, parse, kept)
 
     def _read_pos(self, db: str, parse: Callable[[bytes], T | None], kept: list | None = None) -> T | None:
@@ -327,8 +328,11 @@ class Node:
             return None
         value = parse(data)
         if value is None:
-            self._report(logging.WARNING, db, data, "ignoring a malformed position file for %s: %r", db, data[:64])
+            self._report_malformed(db, data)
         return value
+
+    def _report_malformed(self, db: str, data: bytes) -> None:
+        self._report(logging.WARNING, db, data, "ignoring a malformed position file for %s: %r", db, data[:64])
 
     def _open_kept(self, db: str, path: str, kept: list | None) -> bytes | None:
         """``_read(path)`` through a descriptor opened now in place of ``kept`` and kept for

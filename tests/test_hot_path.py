@@ -397,6 +397,27 @@ def test_a_thread_holding_a_descriptor_let_go_reads_the_file_again(mount, no_rea
     node.close()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_malformed_position_read_through_a_kept_descriptor_is_said_once_and_not_opened_again(
+    mount, no_reaper, caplog
+):
+    # A torn or garbled -pos, changed in place as LiteFS changes it: each write reads it
+    # through the one descriptor kept, and none is opened (and let go) per read.
+    node = Node(mount.path, keep_open=True)
+    mount.set_position("app.db", 5)
+    assert node.txid("app.db") == 5
+    kept = node._kept["app.db"][0]
+    with open(os.path.join(mount.path, "app.db-pos"), "r+b") as f:
+        f.write(b"not a position at all, 34 bytes.\n")
+    with caplog.at_level("WARNING", logger="litefs_wsgi"):
+        assert [node.txid("app.db") for _ in range(50)] == [None] * 50
+    assert node._kept["app.db"][0] == kept and node._retired == []
+    assert open_descriptors(os.path.join(mount.path, "app.db-pos")) == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("ignoring a malformed position file for app.db"), said
+    node.close()
+
+
 def real_clock_node(mount, monkeypatch, idle_for: float, retired_for: float) -> tuple[Node, str]:
     """A node keeping descriptors, with its thread on the real clock and these bounds; app.db
     at TXID 5. (The node and the path of app.db-pos.)"""
