@@ -910,7 +910,9 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
     socket takes it, and an answer that starts with a status of 300 or more ends the
     sending (``cut``: the connection is not reused). Interim answers (100 Continue) are
     kept for read_answer to skip; after a 2xx head the rest is sent as before, since such
-    a target is reading (Go's Transport writes on while it reads; this client cannot)."""
+    a target is reading (Go's Transport writes on while it reads; this client cannot). If it
+    then takes no more of the body for ``timeout``, the answer it gave is relayed (``cut``),
+    not a 504: Go's Transport relays it as soon as it comes."""
     poller = select.poll()
     watch = select.POLLIN | select.POLLOUT
     poller.register(sock, watch)
@@ -921,6 +923,8 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
         while view:
             ready = poller.poll(wait)
             if not ready:
+                if watch == select.POLLOUT:  # after its 2xx head: that answer, not a timeout
+                    return True, early
                 raise socket.timeout("the other side took no more of the body")
             events = ready[0][1]
             if events & select.POLLIN and watch & select.POLLIN:

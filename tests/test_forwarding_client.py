@@ -875,6 +875,20 @@ def test_an_answer_of_2xx_before_the_body_still_gets_the_whole_body():
         target.close()
 
 
+def test_an_answer_of_2xx_before_the_body_is_relayed_when_the_target_then_reads_no_more():
+    # A target that answers 200 at once and never reads the body (it needed none): its
+    # answer is relayed once it has taken no more for read_timeout, as Go's Transport
+    # relays it (at once). Before, the client got a 504 for an answer that had come.
+    target = EarlyAnswer(OK)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=1)
+        status, headers, body = forward(forwarder, target.url, "POST", "/upload", b"x" * (16 << 20))
+        assert (status, body) == (200, b"ok"), (status, body)
+        assert not target.gave_up.is_set()  # relayed while the target still held on
+    finally:
+        target.close()
+
+
 def test_a_large_upload_expecting_100_continue_is_sent_whole(upstream_factory):
     upstream = upstream_factory()  # sends 100 Continue, then reads the body
     forwarder = Forwarder(connect_timeout=5, read_timeout=20)
