@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import uuid
 from http.cookies import SimpleCookie
 
@@ -25,7 +26,7 @@ from servers import form_request, recording_app
 from werkzeug.test import Client
 
 import litefs_wsgi.node as node_module
-from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi import LiteFSMiddleware, events
 from litefs_wsgi.node import Node, litefs_mounts, mount_problem
 from litefs_wsgi.watcher import Watcher
 
@@ -150,6 +151,21 @@ def test_positions_and_the_primary_from_the_real_event_stream(litefs, watchers):
     # The replica's own tx event comes once the transaction is applied there: the file shows it.
     wait_for(lambda: on_replica.events.txids.get("app.db") == txid, 10, "the tx event on the replica")
     assert replica.pos() >= txid
+
+
+def test_the_real_event_stream_idle_past_the_init_timeout_stays_connected(litefs, watchers, monkeypatch, caplog):
+    # The read timeout holds until LiteFS's init event only: then its socket waits without
+    # one, however LiteFS frames the answer (the timeout is lifted on the socket under it).
+    monkeypatch.setattr(events, "INIT_TIMEOUT", 0.5)
+    with caplog.at_level(logging.WARNING, logger="litefs_wsgi"):
+        watcher = watchers(litefs.replica, litefs.replica.api_url)
+        wait_for(lambda: watcher.events.connected, 20, "the event stream")
+        fd = watcher.events._response.fileno()
+        assert os.get_blocking(fd)  # no timeout left: CPython puts a socket with one in non-blocking mode
+        stream = watcher.events._response
+        threading.Event().wait(2.0)  # idle: four times the init timeout
+        assert watcher.events.connected and watcher.events._response is stream  # the same connection
+    assert not [r for r in caplog.records if "event stream" in r.getMessage()]
 
 
 def test_the_mount_check_on_a_real_mount_and_on_the_mount_point_litefs_left(tmp_path, caplog):
