@@ -22,7 +22,10 @@ requests gave a read that adds 3% of the app's instructions 0.82 in one run:
 - primary write, constant cookie: the same POST through a wrapper of three lines that adds a
   fixed ``Set-Cookie`` and nothing else (a reference too: what the server's handling of one
   more header costs, which any middleware that sets the cookie pays; the rules' own cost is
-  the gap between this and the position not read).
+  the gap between this and the position not read);
+- read, start_response wrapper: the satisfied-cookie GET through a wrapper that only
+  passes ``start_response`` through a closure of its own, as any middleware must that looks at
+  the answer's status (ours does, for ReplayOnPrimary's 503): a reference for the reads.
 
 The ratio is the wrapped app's throughput as a share of the bare app's (1.00: free); beside it,
 the middle half of the rounds' ratios (their first and third quartiles): how much one round's
@@ -111,6 +114,22 @@ def constant_cookie(app):
     return wrapped
 
 
+def status_wrapper(app):
+    """``app`` behind a ``start_response`` of its own that looks at the status and does nothing else."""
+
+    def wrapped(environ, start_response):
+        seen = []
+
+        def looked_at(status, headers, exc_info=None):
+            if seen or "503" <= status < "504":
+                seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        return app(environ, looked_at)
+
+    return wrapped
+
+
 def per_request(app, environ: dict, n: int, clock=time.thread_time) -> float:
     """Seconds per request, the answer read and closed as a server would. By default this
     thread's CPU time, not the wall clock: other processes on a shared machine then shift it
@@ -162,6 +181,9 @@ def setup(tmp: str, cluster=None) -> tuple:
         unread.watcher.txid = lambda db: TXID  # the position as if known: no -pos read
         cases.append(("primary write, position not read", unread, environ("POST")))
         cases.append(("primary write, constant cookie", constant_cookie(flask_app().wsgi_app), environ("POST")))
+        cases.append(
+            ("read, start_response wrapper", status_wrapper(flask_app().wsgi_app), environ("GET", f"{txid:016x}"))
+        )
     for _name, wrapped, env in cases:  # warm up, and check that each case is what it says
         _body, status, headers = run_wsgi_app(wrapped, env.copy(), buffered=True)
         assert status.startswith("200"), status
