@@ -911,8 +911,10 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
     sending (``cut``: the connection is not reused). Interim answers (100 Continue) are
     kept for read_answer to skip; after a 2xx head the rest is sent as before, since such
     a target is reading (Go's Transport writes on while it reads; this client cannot). If it
-    then takes no more of the body for ``timeout``, the answer it gave is relayed (``cut``),
-    not a 504: Go's Transport relays it as soon as it comes."""
+    then takes no more of the body for ``timeout``, its answer is relayed (``cut``) when it
+    is whole or the target closed: it has said all it will (Go's Transport relays it as soon
+    as it comes). An answer still coming is a target still at work, which the rest of the
+    body would have reached: a timeout, as without an early answer."""
     poller = select.poll()
     watch = select.POLLIN | select.POLLOUT
     poller.register(sock, watch)
@@ -923,8 +925,10 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
         while view:
             ready = poller.poll(wait)
             if not ready:
-                if watch == select.POLLOUT:  # after its 2xx head: that answer, not a timeout
-                    return True, early
+                if watch == select.POLLOUT:  # after its 2xx head
+                    early, closed = _take_available(sock, early)
+                    if closed or _whole_answer(early):
+                        return True, early
                 raise socket.timeout("the other side took no more of the body")
             events = ready[0][1]
             if events & select.POLLIN and watch & select.POLLIN:
@@ -955,6 +959,38 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
                 return True, early
             view = view[sent:]
     return False, early
+
+
+def _take_available(sock: socket.socket, early: bytes) -> tuple[bytes, bool]:
+    """``early`` and what the target has sent since, without waiting (a bounded amount);
+    and whether it closed."""
+    while len(early) < MAX_HEAD + CHUNK:
+        try:
+            more = sock.recv(CHUNK, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return early, False
+        except _CUT:
+            return early, True
+        if not more:
+            return early, True
+        early += more
+    return early, False
+
+
+def _whole_answer(early: bytes) -> bool:
+    """True when ``early`` holds a final answer to its end (past interim 1xx heads), as
+    llhttp frames it: a ``Content-Length`` body all in, or a chunked one to its last chunk."""
+    while early[9:10] == b"1":  # interim heads have no body
+        end = early.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        early = early[end + 4 :]
+    answer = Answer()
+    try:
+        httptools.HttpResponseParser(answer).feed_data(early)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return True  # no plain answer: read_answer says what it is (a 502, an upgrade)
+    return answer.complete
 
 
 def _refused_early(early: bytes) -> bool | None:

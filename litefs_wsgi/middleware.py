@@ -253,7 +253,12 @@ class LiteFSMiddleware:
         """The app's answer to a passthrough path, untouched; but a view there that raised
         ReplayOnPrimary asked for what a passthrough path never gets (a forward): its 503,
         and the header that is ours, would reach the client saying the middleware is not
-        installed. Said instead, as a replay requested on the primary is."""
+        installed. Said instead, as a replay requested on the primary is. Not in the
+        standalone proxy, whose target is another process: its answer is relayed as it came,
+        that header and all, as on any other path."""
+        if not self._may_replay:
+            self._metrics.passthrough()
+            return self.app(environ, start_response)
         replay: list[bool] = []
         returned = False
 

@@ -889,6 +889,45 @@ def test_an_answer_of_2xx_before_the_body_is_relayed_when_the_target_then_reads_
         target.close()
 
 
+CHUNKED_OK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+
+
+def test_an_early_2xx_answered_whole_in_chunks_is_relayed_too():
+    target = EarlyAnswer(b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED_OK)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=1)
+        status, headers, body = forward(forwarder, target.url, "POST", "/upload", b"x" * (16 << 20))
+        assert (status, body) == (200, b"ok"), (status, body)
+        assert not target.gave_up.is_set()
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+    ],
+    ids=["head only", "chunks still coming"],
+)
+def test_an_early_2xx_still_coming_when_the_target_reads_no_more_is_a_504_not_relayed_cut(answer):
+    # A target whose answer is not all there is still at work: the rest of the body may be
+    # what it waits for. Relayed, the client would get a 200 whose body never ends (or is
+    # cut at read_timeout) while the upload was never all sent: it gets the 504 of a
+    # target that took no more of the body instead.
+    target = EarlyAnswer(answer)
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=1)
+        causes = []
+        forwarder.on_failure = lambda cause, to_primary: causes.append(cause)
+        status, headers, body = forward(forwarder, target.url, "POST", "/upload", b"x" * (16 << 20))
+        assert status == 504, (status, body)
+        assert causes and not target.gave_up.is_set()
+    finally:
+        target.close()
+
+
 def test_a_large_upload_expecting_100_continue_is_sent_whole(upstream_factory):
     upstream = upstream_factory()  # sends 100 Continue, then reads the body
     forwarder = Forwarder(connect_timeout=5, read_timeout=20)

@@ -182,6 +182,15 @@ def test_a_targets_replay_signal_is_relayed_as_it_came(proxy, target):
     assert target.requests[before:] == ["GET /replay"]
 
 
+def test_a_targets_replay_signal_on_a_passthrough_path_is_relayed_as_it_came(mount, target, tmp_path):
+    # In-process a view's ReplayOnPrimary on a passthrough path is a 500 saying so; the
+    # standalone proxy's target is another process, whose answer is relayed untouched there too.
+    config = proxy_config(tmp_path, mount, f"127.0.0.1:{target.port}", passthrough='["/replay"]')
+    with standalone_proxy(config) as url:
+        status, headers, body = request(urlsplit(url).port, "GET", "/replay")
+    assert (status, headers["X-LiteFS-Replay"], body) == (503, "1", b"must run on the primary")
+
+
 def test_forwarded_headers_added_host_kept_nothing_else_added(proxy):
     got = report(proxy, "GET", "/echo", headers={"X-Forwarded-For": "203.0.113.9"})
     assert header(got, "Host") == [f"127.0.0.1:{proxy}"]
