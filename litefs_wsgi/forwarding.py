@@ -980,11 +980,9 @@ def _take_available(sock: socket.socket, early: bytes) -> tuple[bytes, bool]:
 def _whole_answer(early: bytes) -> bool:
     """True when ``early`` holds a final answer to its end (past interim 1xx heads), as
     llhttp frames it: a ``Content-Length`` body all in, or a chunked one to its last chunk."""
-    while early[9:10] == b"1":  # interim heads have no body
-        end = early.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        early = early[end + 4 :]
+    early = _past_interim(early)
+    if early is None:
+        return False
     answer = Answer()
     try:
         httptools.HttpResponseParser(answer).feed_data(early)
@@ -998,17 +996,23 @@ def _refused_early(early: bytes) -> bool | None:
     a final answer of 300 or more (True), of 2xx (False), or cannot tell yet (None): past
     any interim 1xx heads. Bytes that are no HTTP answer count as refused: read_answer
     turns them into the proxy's 502."""
-    while len(early) >= 12:  # "HTTP/1.1 NNN"
-        kind = early[9:10]
-        if not early.startswith(b"HTTP/") or kind not in b"12345":
-            return True
-        if kind != b"1":
-            return kind != b"2"
+    early = _past_interim(early)
+    if early is None or len(early) < 12:  # "HTTP/1.1 NNN"
+        return None
+    kind = early[9:10]
+    if not early.startswith(b"HTTP/") or kind not in b"2345":
+        return True
+    return kind != b"2"
+
+
+def _past_interim(early: bytes) -> bytes | None:
+    """``early`` past its interim (1xx) heads, which have no body; None while one is not all in."""
+    while early[9:10] == b"1" and early.startswith(b"HTTP/"):
         end = early.find(b"\r\n\r\n")
         if end < 0:
             return None
         early = early[end + 4 :]
-    return None
+    return early
 
 
 def _ignore(cause: str, to_primary: bool) -> None:
