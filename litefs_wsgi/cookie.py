@@ -20,8 +20,11 @@ _PARSED_MAX = 4096  # distinct Cookie headers remembered per middleware
 _UNUSABLE: tuple[None, None] = (None, None)
 
 # Each ";"-separated part whose name, trimmed, is __txid: Go's readCookies splits on ";"
-# without regard to quotes and trims spaces and tabs around the part and the name.
-_TXID_PART = re.compile(r"(?:^|;)[ \t]*__txid[ \t]*(?:=([^;]*)|(?=;|$))")
+# without regard to quotes and trims spaces and tabs around the part and the name. A ","
+# ends a part too: WSGI servers join a request's several Cookie lines with ",", each of
+# which Go reads on its own (one line whose cookie value holds a "," then waits where Go
+# would not: on the side that never serves a stale read).
+_TXID_PART = re.compile(r"(?:^|[;,])[ \t]*__txid[ \t]*(?:=([^;,]*)|(?=[;,]|$))")
 # Go's validCookieValueByte: printable ASCII and space, but no '"', ';' or '\\'.
 _VALID_VALUE = re.compile(r"[\x20-\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
 
@@ -40,7 +43,8 @@ def _sign(secret: bytes, payload: str) -> str:
 
 def cookie_value(header: str | None) -> str | None:
     """The ``__txid`` cookie's value in a ``Cookie`` header, as Go's ``Request.Cookie`` finds
-    it: the first part so named whose value is valid, surrounding double quotes removed.
+    it: the first part so named whose value is valid, surrounding double quotes removed; the
+    header's lines, joined with "," by the WSGI server, read each on its own.
 
     werkzeug's ``parse_cookie`` is not used: it honours quotes around ``;``, trims values and
     raises on bytes that are not UTF-8, so its answer is not always Go's, and parsing every

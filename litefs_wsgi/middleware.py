@@ -74,21 +74,26 @@ def _flask_app_of(app) -> Any | None:
 
 
 def compile_patterns(patterns: Iterable[str]) -> re.Pattern | None:
-    """LiteFS's path patterns: ``*`` matches any characters (``/`` too); the rest is literal."""
+    """LiteFS's path patterns: ``*`` matches any characters (``/`` too) but a line feed, as
+    ``.*`` in Go's regexp (a path may hold one, sent as ``%0A``); the rest is literal."""
     parts = ["(?:" + ".*".join(re.escape(piece) for piece in p.split("*")) + ")" for p in patterns]
-    return re.compile("|".join(parts), re.DOTALL) if parts else None
+    return re.compile("|".join(parts)) if parts else None
 
 
-def local_port(environ: dict) -> str:
-    """The port this request came in on (gunicorn's SERVER_PORT follows the Host header)."""
+def local_port(environ: dict) -> str | None:
+    """The port this request came in on; None when it cannot be known. gunicorn's
+    SERVER_PORT follows the client's Host header, so under gunicorn only the socket says:
+    on a unix socket, which has no port, None (the client's Host must never choose where a
+    request is forwarded). Other servers set SERVER_PORT to the port they listen on."""
     sock = environ.get("gunicorn.socket")
-    try:
-        address = sock.getsockname() if sock is not None else None
-    except OSError:
-        address = None
-    if isinstance(address, tuple):  # not a unix socket, whose address is a path
-        return str(address[1])
-    return str(environ.get("SERVER_PORT", "80"))
+    if sock is not None:
+        try:
+            address = sock.getsockname()
+        except OSError:
+            return None
+        return str(address[1]) if isinstance(address, tuple) else None  # a unix socket's is a path
+    port = str(environ.get("SERVER_PORT", "80"))
+    return port if port.isascii() and port.isdigit() and 0 < int(port) < 65536 else None
 
 
 def request_path(environ: dict) -> str:
@@ -199,6 +204,7 @@ class LiteFSMiddleware:
         if flask_app is not None:
             answer_replays(flask_app)
         self._only_db = config.db[0] if len(config.db) == 1 else None
+        self._url_needs_port = "{port}" in config.primary_url
         # Cookie headers whose TXIDs were found reached (Watcher.reached): a client sends the
         # same one until its next write, and each read then costs a look-up. Not with a
         # txid_header, which can ask for more than the cookie; not with debug, which logs them.
@@ -478,11 +484,30 @@ class LiteFSMiddleware:
             self._metrics.fly_replay()
             start_response("200 OK", [("fly-replay", f"instance={primary}"), ("Content-Length", "0")])
             return [b""]
-        url = self.config.primary_url.format(hostname=primary, port=local_port(environ))
+        self._metrics.forward()
+        port = local_port(environ) if self._url_needs_port else ""
+        if port is None:
+            return self._no_port(start_response, method, path)
+        url = self.config.primary_url.format(hostname=primary, port=port)
         if self.config.debug:
             self._debug("forward", method, path, url)
-        self._metrics.forward()
         return self.forwarder.forward(environ, start_response, url, mark=True)
+
+    def _no_port(self, start_response, method: str, path: str) -> Iterable[bytes]:
+        """The 502 of a write to forward by a ``primary_url`` with ``{port}`` that came in on
+        a socket without a port (gunicorn bound to a unix socket)."""
+        self._debug("no port for primary_url", method, path)
+        if self._warning_due("no port"):
+            log.error(
+                "cannot forward %s %s: primary_url %r has {port}, the port this request came in on, but it "
+                "came in on a unix socket, which has none. Set primary_url with the primary's port, "
+                "e.g. http://{hostname}:8080 (logged at most once a minute)",
+                method,
+                path[:200],
+                self.config.primary_url,
+            )
+        self.forwarder.on_failure("url", True)
+        return errors.error(start_response, 502, "Proxy error: no port for primary_url (unix socket)")
 
     def _refuse_unmounted(self, method: str, path: str) -> None:
         self._debug("refused: LiteFS is not mounted (require_mount)", method, path)

@@ -109,12 +109,20 @@ class Watcher:
     def txid(self, db: str) -> int | None:
         """The database's TXID now (the file is read), or None when it does not exist (or
         cannot be read)."""
+        forgotten = self._forgotten  # before the read: see below
         txid = self.node.txid(db)
         if txid is not None:
             seen = self._seen.get(db)
-            self._seen[db] = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
+            entry = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
             if seen is not None and txid < seen[0]:
-                self._forget_reached()  # a restore: what was known reached may be no longer
+                # A restore: what was known reached may be no longer. Counted before it is
+                # stored, so that a read under way meanwhile, which may have read the file
+                # before the restore, does not store its higher position over this one.
+                self._forgotten += 1
+                self._seen[db] = entry
+                self._clear_memos()
+            elif self._forgotten == forgotten:  # no call between the check and the store
+                self._seen[db] = entry
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
@@ -150,8 +158,9 @@ class Watcher:
 
     def forget(self) -> None:
         """Read the files again on the next request, whatever STATE_TTL says."""
+        self._forgotten += 1  # first: a read under way stores nothing it read before this
         self._seen = {}
-        self._forget_reached()
+        self._clear_memos()
         self._role = (self._role[0], float("-inf"))
         self._mount_checked = float("-inf")
 
@@ -171,6 +180,9 @@ class Watcher:
         # After _seen is updated, before the memos are emptied: a reached() racing with this
         # either reads the new _seen or sees the count move and drops what it stored.
         self._forgotten += 1
+        self._clear_memos()
+
+    def _clear_memos(self) -> None:
         with self._memos_lock:
             memos = list(self._memos.values())
         for memo in memos:

@@ -1,14 +1,18 @@
 """The ``__txid`` cookie: LiteFS's format, SameSite and Secure, bad cookies ignored."""
 
+import os
 import re
+import socket
 import time
 from email.utils import parsedate_to_datetime
 
 import pytest
+from servers import gunicorn
 from werkzeug.test import Client, create_environ
 
 from litefs_wsgi import LiteFSMiddleware
 from litefs_wsgi.cookie import TxidCookie
+from litefs_wsgi.testing import LiteFSMount
 
 
 def attributes(header):
@@ -61,6 +65,10 @@ def test_header_secure():
         ("other=1; __txid=0000000000000007; more=2", {"app.db": 7}),
         ('__txid="0000000000000007"', {"app.db": 7}),
         ("__txid=0000000000000007; __txid=00000000000000ff", {"app.db": 7}),  # the first, as Go's r.Cookie
+        # Two Cookie lines, as WSGI servers join them: Go reads each line on its own.
+        ("theme=dark,__txid=0000000000000007", {"app.db": 7}),
+        ("__txid=0000000000000007,theme=dark", {"app.db": 7}),
+        ("a=1; b=2, __txid=0000000000000007; c=3", {"app.db": 7}),
     ],
 )
 def test_read(cookie, expected):
@@ -174,3 +182,28 @@ def test_middleware_ignores_invalid_cookie(mount):
         assert response.get_data() == b"read"
     # The cookie still reaches the app: the middleware reads it, it does not strip it.
     assert seen[-1] == "__txid=garbage"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["Cookie: theme=dark", "Cookie: __txid=0000000000000009"],
+        ["Cookie: __txid=0000000000000009", "Cookie: theme=dark"],
+    ],
+)
+def test_a_cookie_on_a_second_cookie_line_is_waited_for_under_gunicorn(tmp_path, lines):
+    """A client may send several Cookie lines; gunicorn joins them with ",". The __txid in
+    either is the client's, as Go's r.Cookie finds it: the read waits for it (here, in vain)."""
+    mount = LiteFSMount(str(tmp_path / "replica"))
+    mount.make_replica("node-a")
+    mount.set_position("app.db", 1)
+    env = {"FWD_MOUNT": mount.path, "LITEFS_PROXY_POLL_TIMEOUT": "100ms"}
+    with gunicorn(["-k", "gthread", "fwd_app:application"], env, cwd=os.path.dirname(__file__)) as (url, _):
+        port = int(url.rpartition(":")[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            head = ["GET /whoami HTTP/1.1", "Host: x", "Connection: close", *lines]
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 504") and answer.endswith(b"Proxy timeout\n"), answer

@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
-from servers import NOT_PRIMARY, in_thread, tx_event, wait_until
+import pytest
+from servers import NOT_PRIMARY, RawServer, in_thread, stop, tx_event, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware, ReplayOnPrimary
@@ -56,13 +59,78 @@ def test_a_request_fly_replayed_here_is_not_replayed_again_by_replay_on_primary(
     assert response.headers["fly-replay"] == "instance=node-a"
 
 
-def test_the_port_of_a_unix_socket_request_falls_back_to_server_port(tmp_path):
+def test_the_port_of_a_request_comes_from_its_socket_never_from_the_host_header(tmp_path):
+    # gunicorn's SERVER_PORT follows the client's Host header: under gunicorn only the socket
+    # says, and a unix socket has no port at all.
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(tmp_path / "s"))
-        assert local_port({"gunicorn.socket": sock, "SERVER_PORT": "8080"}) == "8080"
+        assert local_port({"gunicorn.socket": sock, "SERVER_PORT": "8080"}) is None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         assert local_port({"gunicorn.socket": sock, "SERVER_PORT": "80"}) == str(sock.getsockname()[1])
+    # Other servers set SERVER_PORT to the port they listen on; anything but one is no port.
+    assert local_port({"SERVER_PORT": "8080"}) == "8080"
+    for bad in ("1@127.0.0.1", "", "0", "65536", "８０", "80/x"):
+        assert local_port({"SERVER_PORT": bad}) is None, bad
+
+
+class Listener(RawServer):
+    """Records the first bytes of each connection and answers 200 ``listener``."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        super().__init__()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        with conn:
+            conn.settimeout(10)
+            self.received.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nlistener\n")
+
+
+def _post_on_unix_socket(path: str, host: str) -> bytes:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(20)
+        client.connect(path)
+        head = f"POST /write HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        client.sendall(head.encode())
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("fixed_url", [False, True])
+def test_a_write_on_a_unix_socket_is_forwarded_only_where_primary_url_says(tmp_path, fixed_url):
+    """gunicorn bound to a unix socket builds SERVER_PORT from the client's Host header: with
+    {port} in primary_url, the client would choose where the write goes (a Host of
+    ``x:PORT@127.0.0.1`` names another server). It is a 502 saying why; a primary_url with
+    the port written in forwards it."""
+    listener = Listener()
+    mount = LiteFSMount(str(tmp_path / "replica"))
+    mount.make_replica("127.0.0.1")
+    sock_path = str(tmp_path / "g.sock")
+    env = {**os.environ, "FWD_MOUNT": mount.path, "PYTHONPATH": os.path.dirname(__file__)}
+    if fixed_url:
+        env["LITEFS_PROXY_PRIMARY_URL"] = f"http://{{hostname}}:{listener.port}"
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"unix:{sock_path}", "-k", "gthread", "fwd_app:application"]
+    here = os.path.dirname(__file__)
+    proc = subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None, 60, "gunicorn on its unix socket")
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        answer = _post_on_unix_socket(sock_path, f"x:{listener.port}@127.0.0.1")
+    finally:
+        stop(proc)
+        listener.close()
+    if fixed_url:
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"listener\n"), answer
+        assert len(listener.received) == 1 and b"POST /write " in listener.received[0]
+    else:
+        assert answer.startswith(b"HTTP/1.1 502"), answer
+        assert answer.endswith(b"Proxy error: no port for primary_url (unix socket)\n"), answer
+        assert listener.received == []
+        assert b"came in on a unix socket" in proc.stderr.read()
 
 
 def raw_server(answer: bytes):

@@ -130,6 +130,31 @@ def test_a_restore_seen_while_a_read_checks_is_not_kept_past_it(mount):
     assert get(client, 10).status_code == 504  # not served from what that read found
 
 
+def test_a_position_read_before_a_restore_seen_meanwhile_is_not_kept_over_it(mount, monkeypatch):
+    # One thread reads the file before a restore and is held before it stores what it read;
+    # another reads the restored position meanwhile. The first thread's position, read the
+    # earlier, must not replace the restored one as trusted: the next read would be served
+    # before this node has the TXID again.
+    mount.set_position("app.db", 10)
+    client, middleware, _ = setup(mount, poll_timeout="20ms")
+    watcher = middleware.watcher
+    assert get(client, 10).status_code == 200
+    read = watcher.node.txid
+
+    def restored_after_the_read(db, *args):
+        txid = read(db, *args)  # 10, read before the restore
+        monkeypatch.setattr(watcher.node, "txid", read)
+        mount.set_position("app.db", 4)
+        assert watcher.txid(db) == 4  # the other thread, its write say, sees the restore
+        return txid
+
+    monkeypatch.setattr(watcher.node, "txid", restored_after_the_read)
+    assert watcher.txid("app.db") == 10  # what this thread read, for its own request
+    assert watcher._seen["app.db"][0] == 4
+    assert get(client, 10).status_code == 504  # not served: this node is at 4
+    assert get(client, 4).status_code == 200
+
+
 def test_middlewares_sharing_a_mount_keep_what_they_found_apart(replica):
     # One watcher per mount: the same Cookie header means another TXID to a middleware of
     # another database, and is checked again for it.
