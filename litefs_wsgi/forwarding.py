@@ -68,6 +68,7 @@ _SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")  # Linux, Pyt
 # A body up to this size is read whole before it is sent: it leaves with the head in one
 # write, and a request that met a connection the other side had just closed can be sent again.
 SMALL_BODY = 64 * 1024
+MAX_INTERIM = 5  # 1xx answers before the final one, as Go's Transport allows
 MAX_HEAD = 64 * 1024  # an answer's head larger than this is refused (Go's default is 1 MiB, nginx's 4-8 KiB)
 RETRY_REFUSED_EVERY = 0.1  # as LiteFS: the app behind may be restarting
 # poll(2) takes a C int of milliseconds (about 24.8 days): a longer timeout is capped there,
@@ -194,7 +195,8 @@ class Answer:
         self.done = True
 
     def on_body(self, data: bytes) -> None:
-        self.pieces.append(data)
+        if not self.complete:  # else a second answer's, never asked for (extra): never relayed
+            self.pieces.append(data)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -202,7 +204,8 @@ class Answer:
     def take_head(self, head: bytes) -> None:
         """The reason, headers and framing from ``head`` (through its blank line), which
         llhttp has accepted: CRLF line ends, ``name: value`` lines with token names."""
-        lines = head.decode("latin-1").split("\r\n")
+        # llhttp skips empty lines before the status line (after a 100 Continue, say).
+        lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
         status = lines[0].split(" ", 2)
         self.reason = status[2] if len(status) > 2 else ""
         headers, lowers = self.headers, self.lowers
@@ -222,7 +225,11 @@ class Answer:
                 if lower == "content-length":
                     self.length = int(value)  # llhttp checked it: digits, and only one
                 elif lower == "transfer-encoding":
-                    self.chunked = value.rsplit(",", 1)[-1].strip(" \t").lower() == "chunked"
+                    # Only chunked, once, as Go's Transport takes: a coding besides (gzip) would
+                    # reach the client as the content itself once the framing is undone.
+                    if self.chunked or value.strip(" \t").lower() != "chunked":
+                        raise BadAnswer(f"unsupported Transfer-Encoding {value[:64]!r}")
+                    self.chunked = True
                 else:
                     self.connection = f"{self.connection}, {value}" if self.connection else value
 
@@ -286,11 +293,15 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
     ``BadAnswer`` for anything llhttp refuses, ``socket.timeout`` or ``BlockingIOError``
     after the read timeout."""
     received = bool(data)
+    interim = 0
     while True:
         answer = parser = None
         fed = 0
         while True:
             end = data.find(b"\r\n\r\n", max(0, fed - 3))
+            if end == 0 and not fed:  # empty lines before the status line, which llhttp skips
+                data = data.lstrip(b"\r\n")
+                continue
             if 0 <= end and not fed and end + 4 <= KNOWN_HEAD_MAX:
                 known = _KNOWN_HEADS.get(data[: end + 4])
                 if known is not None:
@@ -337,7 +348,12 @@ def read_answer(sock: socket.socket, method: str, data: bytes = b"") -> Answer:
             data += more
         status = answer.status = parser.get_status_code()
         answer.rest = data[end:]
+        if status < 100:
+            raise BadAnswer(f"status {status}")
         if 100 <= status < 200 and status != 101:
+            interim += 1
+            if interim > MAX_INTERIM:  # each within read_timeout, but never ending: Go stops at 5
+                raise BadAnswer(f"more than {MAX_INTERIM} 1xx answers")
             data = answer.rest  # 100 Continue, 103 Early Hints: WSGI relays only the final answer
             continue
         head = data[:end]
@@ -389,7 +405,7 @@ def body_of(
     if answer.chunked:
         try:
             if rest:
-                answer.parser.feed_data(rest)
+                _feed(answer, rest)
         except httptools.HttpParserError:
             on_end(False)
             raise
@@ -485,10 +501,21 @@ def _chunked(answer: Answer, sock: socket.socket) -> Iterator[bytes]:
         data = sock.recv(ANSWER_BLOCK)
         if not data:
             raise BadAnswer("connection closed before the last chunk")
-        answer.parser.feed_data(data)
+        _feed(answer, data)
         if pieces:
             yield b"".join(pieces) if len(pieces) > 1 else pieces[0]
             pieces.clear()
+
+
+def _feed(answer: Answer, data: bytes) -> None:
+    """Feed a chunked answer's parser ``data``; bytes past its end are a second answer,
+    never asked for (``extra``), the 101 llhttp stops at too."""
+    try:
+        answer.parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        if not answer.complete:
+            raise httptools.HttpParserError("an upgrade inside a chunked answer") from None
+        answer.extra = True
 
 
 def _until_closed(rest: bytes, sock: socket.socket) -> Iterator[bytes]:
@@ -760,6 +787,12 @@ class Forwarder:
             return self.failed(environ, start_response, 504, dest.netloc, why, cause="timeout", mark=mark)
         except (OSError, BadAnswer) as exc:
             why = f"{dest.netloc} closed the connection or sent a bad response ({_why(exc)})"
+            return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
+        if answer.status == 101:
+            # Upgrade is hop-by-hop, never sent on here (websocket.tunnel sends its own): the
+            # connection now speaks another protocol, and its answer is no HTTP answer to relay.
+            conn.close()
+            why = f"{dest.netloc} switched protocols (101) for a request that asked for no upgrade"
             return self.failed(environ, start_response, 502, dest.netloc, why, cause="protocol", mark=mark)
         line, relay = answer.line, answer.relay  # a head copied from a template has both
         status = line if line is not None else answer.status_line()
@@ -1349,6 +1382,10 @@ def response_headers(
                 _keep(_DROP_NAMED, tokens, drop, 64)  # an app sends the same Connection header each time
     if upgrade:
         drop = drop - {"upgrade", "connection"}
+    if "content-length" in drop:
+        # Named in Connection by a confused app: the body's framing is every recipient's (and
+        # a spliced body goes out by it), never a connection option.
+        drop = drop - {"content-length"}
     if lowers is None:
         return [(name, value) for name, value in headers if name.lower() not in drop]
     return [header for header, lower in zip(headers, lowers) if lower not in drop]

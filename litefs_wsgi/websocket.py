@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from werkzeug.datastructures import EnvironHeaders
 
+from .errors import error
 from .forwarding import (
     CHUNK,
     MAX_POLL_MS,
@@ -47,6 +48,12 @@ def tunnel(environ: dict, start_response, target: str, forwarder: Forwarder, idl
     """
     base = urlsplit(target)
     netloc = base.netloc
+    if environ.get("HTTP_TRANSFER_ENCODING") or (environ.get("CONTENT_LENGTH") or "0") != "0":
+        # An opening handshake is a GET without content (RFC 6455); a body would be taken
+        # neither by this pipe nor, unsent, by a target waiting for it.
+        forwarder.on_failure("invalid", False)
+        log.info("refusing a WebSocket upgrade with a request body for %s", netloc)
+        return error(start_response, 400, "Proxy error: a WebSocket upgrade request cannot have a body")
     try:
         upstream = connect(base, forwarder.connect_timeout)
     except OSError as exc:

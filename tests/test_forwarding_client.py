@@ -1315,3 +1315,125 @@ def test_bytes_past_an_https_answer_are_never_taken_for_the_next_answer(tls_file
         assert server.connections == 2
     finally:
         server.close()
+
+
+CHUNKED_FIRST = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\n"
+
+
+class Pieces(RawServer):
+    """Answers the first request of its first connection with ``pieces``, sent 0.1 s apart,
+    then OK to any other; records (connection number, path) of each request."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.requests: list[tuple[int, str]] = []
+        super().__init__()
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        conn.settimeout(20)
+        with conn:
+            for n in range(1, 100):
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    head += more
+                self.requests.append((number, head.split(b" ")[1].decode()))
+                if number > 1 or n > 1:
+                    conn.sendall(OK)
+                    continue
+                for index, piece in enumerate(self.pieces):
+                    if index:
+                        time.sleep(0.1)
+                    conn.sendall(piece)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nSMUGGLED-BYTES",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    ],
+    ids=["a 200", "a 101"],
+)
+@pytest.mark.parametrize("together", [True, False], ids=["with the head", "after it"])
+def test_a_second_answer_after_a_chunked_one_is_never_relayed_with_it(extra, together):
+    head, _, chunks = CHUNKED_FIRST.partition(b"\r\n\r\n")
+    server = Pieces([CHUNKED_FIRST + extra] if together else [head + b"\r\n\r\n", chunks + extra])
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        assert forward(forwarder, server.url, "GET", "/a")[::2] == (200, b"first")
+        assert pooled(forwarder) == []  # out of step: never reused
+        assert forward(forwarder, server.url, "GET", "/b")[::2] == (200, b"ok")
+        assert server.requests == [(1, "/a"), (2, "/b")]
+    finally:
+        server.close()
+
+
+def test_a_101_to_a_request_that_asked_no_upgrade_is_a_502_and_its_connection_dropped():
+    server = Pieces([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"])
+    try:
+        forwarder = Forwarder(connect_timeout=5, read_timeout=10)
+        status, _, body = forward(forwarder, server.url, "GET", "/a", headers={"Upgrade": "websocket"})
+        assert status == 502 and b"switched protocols (101) for a request that asked for no upgrade" in body
+        assert pooled(forwarder) == []
+        assert forward(forwarder, server.url, "GET", "/b")[::2] == (200, b"ok")
+        assert server.requests == [(1, "/a"), (2, "/b")]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_an_answer_with_a_transfer_coding_besides_chunked_is_a_502(upstream_factory, codings):
+    # Relayed, the framing undone, a gzip coding would reach the client as the content itself
+    # (Transfer-Encoding is hop-by-hop, never relayed): Go's Transport refuses these too.
+    answer = b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n5\r\nfirst\r\n0\r\n\r\n"
+    upstream = upstream_factory(lambda request, n: (answer, "close"))
+    status, _, body = forward(Forwarder(connect_timeout=5, read_timeout=10), upstream.url, "GET", "/")
+    assert status == 502 and b"unsupported Transfer-Encoding" in body, body
+
+
+@pytest.mark.parametrize(
+    "before",
+    [b"\r\n", b"\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n\r\n"],
+    ids=["an empty line", "two", "after a 100 Continue"],
+)
+def test_empty_lines_before_the_status_line_are_skipped(upstream_factory, before):
+    upstream = upstream_factory(lambda request, n: before + OK)
+    status, headers, body = forward(Forwarder(connect_timeout=5, read_timeout=10), upstream.url, "GET", "/")
+    assert (status, body) == (200, b"ok") and headers == [("Content-Length", "2")]
+
+
+@pytest.mark.parametrize("code", [b"000", b"099"])
+def test_a_status_below_100_is_a_502(upstream_factory, code):
+    upstream = upstream_factory(lambda request, n: b"HTTP/1.1 " + code + b" Odd\r\nContent-Length: 2\r\n\r\nok")
+    status, _, body = forward(Forwarder(connect_timeout=5, read_timeout=10), upstream.url, "GET", "/")
+    assert status == 502 and body.endswith(b"(status %d)\n" % int(code)), body
+
+
+@pytest.mark.parametrize(("interim", "expected"), [(5, 200), (6, 502)])
+def test_more_than_five_1xx_answers_are_a_502(upstream_factory, interim, expected):
+    # Each comes within read_timeout: without a bound, a target sending them for ever would
+    # hold the thread for ever (Go's Transport stops at 5 as well).
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    upstream = upstream_factory(lambda request, n: early_hints * interim + OK)
+    status, _, body = forward(Forwarder(connect_timeout=5, read_timeout=10), upstream.url, "GET", "/")
+    assert status == expected, body
+
+
+def test_a_content_length_the_answer_names_in_connection_is_still_relayed(upstream_factory):
+    # A confused app's Connection header names the framing: dropped, gunicorn would chunk the
+    # body, and a spliced one would go out raw inside those chunks.
+    answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 2\r\n\r\nok"
+    upstream = upstream_factory(lambda request, n: answer)
+    status, headers, body = forward(Forwarder(connect_timeout=5, read_timeout=10), upstream.url, "GET", "/")
+    assert (status, headers, body) == (200, [("Content-Length", "2")], b"ok")

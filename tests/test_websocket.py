@@ -76,6 +76,17 @@ def test_an_answer_other_than_101_is_relayed(target, proxy_port):
     assert ws.headers["Content-Length"] == "9"
 
 
+@pytest.mark.parametrize("header", [{"Content-Length": "5"}, {"Transfer-Encoding": "chunked"}])
+def test_an_upgrade_with_a_body_is_refused_never_sent_on_half(target, proxy_port, header):
+    # The pipe would take no body, and a target waiting for the one its head announced
+    # would hold the tunnel until read_timeout: said at once instead.
+    heads = len(target.heads)
+    ws = Client.open(proxy_port, "/ws", header)
+    assert ws.status == 400
+    assert ws.body == b"Proxy error: a WebSocket upgrade request cannot have a body\n"
+    assert len(target.heads) == heads
+
+
 def test_client_going_away_closes_the_target_side(target, proxy_port):
     before = target.closed
     ws = Client.open(proxy_port)
