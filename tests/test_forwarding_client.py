@@ -1333,12 +1333,10 @@ class Pieces(RawServer):
         conn.settimeout(20)
         with conn:
             for n in range(1, 100):
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    head += more
+                try:
+                    head = read_head(conn)
+                except (EOFError, OSError):
+                    return
                 self.requests.append((number, head.split(b" ")[1].decode()))
                 if number > 1 or n > 1:
                     conn.sendall(OK)
