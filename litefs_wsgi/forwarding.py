@@ -1170,12 +1170,14 @@ _TOKENS_OF: dict[str, frozenset[str]] = {}  # Connection values seen (bounded): 
 
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1): for one connection, never passed on either way.
+# Proxy-Connection is no standard's, but curl still sends it and Go's ReverseProxy drops it.
 _HOP_BY_HOP = frozenset(
     (
         "connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",

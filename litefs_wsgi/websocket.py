@@ -117,7 +117,11 @@ def connect(base, connect_timeout: float) -> socket.socket:
     # not after the target's delayed ACK of the one before (about 40 ms on Linux).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if base.scheme == "https":
-        sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        try:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()  # the handshake failed: its descriptor, not left for the collector
+            raise
     return sock
 
 
