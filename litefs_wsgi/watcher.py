@@ -176,13 +176,9 @@ class Watcher:
             self._memos[id(memo)] = memo  # removed when the memo goes, before its id can be another's
         return memo
 
-    def _forget_reached(self) -> None:
-        # After _seen is updated, before the memos are emptied: a reached() racing with this
-        # either reads the new _seen or sees the count move and drops what it stored.
-        self._forgotten += 1
-        self._clear_memos()
-
     def _clear_memos(self) -> None:
+        # Called once _forgotten has moved and _seen is updated: a reached() racing with this
+        # either reads the new _seen or sees the count move and drops what it stored.
         with self._memos_lock:
             memos = list(self._memos.values())
         for memo in memos:
