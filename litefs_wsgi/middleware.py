@@ -350,13 +350,14 @@ class LiteFSMiddleware:
             # comparison, not startswith(): this runs on every read, and costs half as much).
             if replay or ("503" <= status < "504" and any(name == REPLAY_HEADER for name, _ in headers)):
                 replay.append(True)
-                return lambda data: None
-            if exc_info is None:  # a second call, for an error mid-answer, carries exc_info
-                served()  # counted once the app answers here: a replayed read counts where it goes
+                return _discard
             return start_response(status, headers, exc_info)
 
         result = self.app(environ, intercept)
         if not replay:
+            # Counted once the app has answered, here and not in intercept: one free variable
+            # fewer for each read's closure. A replayed read counts where it goes.
+            served()
             return result
         return self._replay(environ, start_response, method, path, replayed, result)
 
@@ -632,6 +633,10 @@ class _HeldHead:
         if head is not None:
             self.head = None
             self.server_write = self.send(self.start_response, self.secure, *head)
+
+
+def _discard(data: bytes) -> None:
+    """The ``write()`` given for an answer that is replaced: its bytes go nowhere."""
 
 
 def standalone_only(options: Mapping[str, Any]) -> list[str]:
