@@ -46,12 +46,20 @@ class EventStream:
 
     While ``connected`` (an ``init`` event has arrived on the current connection) the stream
     is the truth about the primary; ``txids`` holds the last TXID seen per database. Each
-    change calls ``on_change()`` so that waiters can be woken at once.
+    change calls ``on_change()`` so that waiters can be woken at once, and a tx event below
+    the one before it on this connection (a restore) first calls ``on_restore()``.
     """
 
-    def __init__(self, api_url: str, on_change: Callable[[], None], max_backoff: float = 5.0) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        on_change: Callable[[], None],
+        max_backoff: float = 5.0,
+        on_restore: Callable[[], None] | None = None,
+    ) -> None:
         self.url = api_url.rstrip("/") + "/events"
         self.on_change = on_change
+        self.on_restore = on_restore
         self.max_backoff = max_backoff
         self.connected = False
         self.is_primary = False
@@ -172,7 +180,12 @@ class EventStream:
                 # The last one, not the highest: LiteFS sends one after applying a snapshot
                 # too (a restore, a replica ahead of a new primary), at a lower TXID, and the
                 # events of one stream arrive in order.
+                previous = self.txids.get(event["db"])
                 self.txids[event["db"]] = txid
+                if previous is not None and txid < previous and self.on_restore is not None:
+                    # Only against the stream's own last event: the files run ahead of the
+                    # stream, and a tx event below a position read from them is no restore.
+                    self.on_restore()
         else:
             return
         self.on_change()

@@ -81,7 +81,7 @@ class Watcher:
         # them does not keep what it found (see reached).
         self._forgotten = 0
         self.api_url = api_url
-        self.events = EventStream(api_url, self._on_event) if api_url else None
+        self.events = EventStream(api_url, self._on_event, on_restore=self.forget) if api_url else None
         # Set by a middleware with require_mount: a node without LiteFS's mount is never the primary.
         self.require_mount = False
         self._mount_checked = float("-inf")
@@ -97,7 +97,7 @@ class Watcher:
         self.node.after_fork()
         self.forget()
         if self.api_url:
-            self.events = EventStream(self.api_url, self._on_event)
+            self.events = EventStream(self.api_url, self._on_event, on_restore=self.forget)
 
     def close(self) -> None:
         if self.events is not None:

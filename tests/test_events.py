@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from servers import (
+    Clock,
     FakeLiteFS,
     answers,
     free_port,
@@ -288,6 +289,26 @@ def test_a_snapshot_at_a_lower_txid_is_the_position_from_its_tx_event_on(replica
     assert watcher.events.txids["app.db"] == 50
     assert watcher.txid("app.db") == 50
     assert not watcher.reached({"app.db": 90})
+
+
+def test_a_restore_told_by_a_tx_event_is_honoured_at_once_by_the_next_read(replica, litefs, closing):
+    # A read served from the file keeps its Cookie header as reached for up to STATE_TTL; a
+    # tx event below the stream's last one is a restore, which empties that memo at once.
+    # The watcher's clock never moves here: only the event can make the read wait.
+    replica.set_position("app.db", 10)
+    mw = middleware(replica, litefs.url, closing, app_for([]), poll_timeout="20ms")
+    mw.watcher.clock = Clock()
+    client = Client(mw, use_cookies=False)
+    cookie = {"Cookie": f"__txid={10:016x}"}
+    assert client.get("/", headers=cookie).status_code == 200  # from the file: kept for this header
+    assert client.get("/", headers=cookie).status_code == 200
+    litefs.send(tx_event("app.db", 10))
+    replica.set_position("app.db", 4)  # restored: LiteFS then sends the lower TXID
+    litefs.send(tx_event("app.db", 4))
+    litefs.send(tx_event("sentinel.db", 1))  # events arrive in order: once it is in, so is 4
+    wait_until(lambda: mw.watcher.events.txids.get("sentinel.db") == 1, 10, "the events")
+    assert client.get("/", headers=cookie).status_code == 504  # not served before TXID 10 again
+    assert client.get("/", headers={"Cookie": f"__txid={4:016x}"}).status_code == 200
 
 
 def test_a_write_after_a_snapshot_gets_the_position_it_wrote(mount, closing):
