@@ -305,7 +305,9 @@ class Config:
     )
     cookie_secret: str | None = _field(None, check=_optional_str, doc="signs the __txid cookie")
     api_url: str | None = _field(None, check=_api_url, doc="LiteFS HTTP API, e.g. http://localhost:20202")
-    max_waiters: int = _field(0, check=_int, doc="reads allowed to wait at once per process (0: no bound)")
+    max_waiters: int = _field(
+        0, check=_int, doc="requests allowed to wait at once per process, for a TXID or a primary"
+    )
     require_mount: bool = _field(
         factory=_default_require_mount,
         check=_bool,

@@ -370,12 +370,7 @@ class LiteFSMiddleware:
         except TooManyWaiters:
             self._metrics.wait_refused(started)
             self._debug("refused, too many waiting", method, path)
-            return errors.error(
-                start_response,
-                503,
-                "Proxy error: too many requests waiting for replication",
-                [("Retry-After", "1")],
-            )
+            return _too_many(start_response, "replication")
         self._metrics.wait_ended(started)
         if reached:
             return None
@@ -449,9 +444,17 @@ class LiteFSMiddleware:
             # An election; or a request another node already sent here, while two nodes may
             # each name the other (a failover): wait for a primary, and for a replayed
             # request, for this node to become it. Never forward a request twice.
-            is_primary, primary = self.watcher.wait_for_role(
-                self.config.primary_redirect_timeout, need_primary=replayed
-            )
+            try:
+                is_primary, primary = self.watcher.wait_for_role(
+                    self.config.primary_redirect_timeout,
+                    need_primary=replayed,
+                    alive=client_alive(environ),
+                    max_waiters=self.config.max_waiters,
+                )
+            except TooManyWaiters:
+                self._debug("refused, too many waiting", method, path)
+                self._metrics.refused()
+                return _too_many(start_response, "a primary")
             if not is_primary and (primary is None or replayed):
                 self._debug("no primary", method, path, "(already forwarded once)" if replayed else "")
                 self._metrics.no_primary()
@@ -633,6 +636,13 @@ class _HeldHead:
         if head is not None:
             self.head = None
             self.server_write = self.send(self.start_response, self.secure, *head)
+
+
+def _too_many(start_response, what: str) -> Iterable[bytes]:
+    """The 503 of a request refused because ``max_waiters`` requests already wait."""
+    return errors.error(
+        start_response, 503, f"Proxy error: too many requests waiting for {what}", [("Retry-After", "1")]
+    )
 
 
 def _discard(data: bytes) -> None:

@@ -40,7 +40,8 @@ class _Memo(dict):
 
 
 class TooManyWaiters(Exception):
-    """``max_waiters`` reads are already waiting in this process."""
+    """``max_waiters`` requests are already waiting in this process (reads for their TXID,
+    writes for a primary)."""
 
 
 class _Waiter:
@@ -68,6 +69,7 @@ class Watcher:
         self.max_waiters = max_waiters
         self._cond = threading.Condition()
         self._waiters: list[_Waiter] = []
+        self._role_waiters = 0  # requests in wait_for_role: max_waiters bounds them with _waiters
         self._thread: threading.Thread | None = None
         self._changed = False
         self.clock: Callable[[], float] = time.monotonic
@@ -93,6 +95,7 @@ class Watcher:
         self._cond = threading.Condition()
         self._memos_lock = threading.Lock()
         self._waiters = []
+        self._role_waiters = 0
         self._thread = None
         self.node.after_fork()
         self.forget()
@@ -235,7 +238,7 @@ class Watcher:
         waiter = _Waiter(targets)
         bound = self.max_waiters if max_waiters is None else max_waiters
         with self._cond:
-            if bound and len(self._waiters) >= bound:
+            if bound and len(self._waiters) + self._role_waiters >= bound:
                 raise TooManyWaiters()
             self._waiters.append(waiter)
             self._changed = True
@@ -281,17 +284,53 @@ class Watcher:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def wait_for_role(self, timeout: float, need_primary: bool = False, step: float = 0.01) -> tuple[bool, str | None]:
+    @property
+    def waiting_for_primary(self) -> int:
+        return self._role_waiters
+
+    def wait_for_role(
+        self,
+        timeout: float,
+        need_primary: bool = False,
+        step: float = 0.01,
+        alive: Callable[[], bool] | None = None,
+        max_waiters: int | None = None,
+    ) -> tuple[bool, str | None]:
         """The node's role, waiting up to ``timeout`` while no primary is known (an
-        election) or, with ``need_primary``, until this node is the primary."""
+        election) or, with ``need_primary``, until this node is the primary; no longer once
+        ``alive()`` (asked every ALIVE_CHECK_INTERVAL) says the client has gone.
+
+        Raises TooManyWaiters at once when it would wait and ``max_waiters`` (default: the
+        watcher's) requests already wait in this process, reads included: a request a client
+        marked as forwarded would otherwise hold a thread for ``timeout`` at no cost to it.
+        """
         deadline = time.monotonic() + timeout
-        while True:
-            is_primary, hostname = self.role(fresh=True)
-            remaining = deadline - time.monotonic()
-            if is_primary or (hostname is not None and not need_primary) or remaining <= 0:
-                return is_primary, hostname
+        is_primary, hostname = self.role(fresh=True)
+        if is_primary or (hostname is not None and not need_primary) or timeout <= 0:
+            return is_primary, hostname
+        bound = self.max_waiters if max_waiters is None else max_waiters
+        with self._cond:
+            if bound and len(self._waiters) + self._role_waiters >= bound:
+                raise TooManyWaiters()
+            self._role_waiters += 1
+        try:
+            asked = time.monotonic()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return is_primary, hostname
+                with self._cond:
+                    self._cond.wait(min(step, remaining))
+                is_primary, hostname = self.role(fresh=True)
+                if is_primary or (hostname is not None and not need_primary):
+                    return is_primary, hostname
+                if alive is not None and time.monotonic() - asked >= ALIVE_CHECK_INTERVAL:
+                    if not alive():
+                        return is_primary, hostname
+                    asked = time.monotonic()
+        finally:
             with self._cond:
-                self._cond.wait(min(step, remaining))
+                self._role_waiters -= 1
 
     def _on_event(self) -> None:
         with self._cond:

@@ -238,3 +238,44 @@ def test_control_files_are_read_whole_up_to_the_longest_valid_one(tmp_path):
     assert Node(str(tmp_path)).primary() == longest
     (tmp_path / ".primary").write_text(longest + "a\n")  # a character more: not a host name
     assert Node(str(tmp_path)).primary() is None
+
+
+def test_writes_waiting_for_a_primary_count_against_max_waiters(replica):
+    # A write a client marked as already forwarded waits on a replica for this node to
+    # become the primary: with max_waiters it holds a thread only within that bound, shared
+    # with the reads waiting for their TXID.
+    mw = LiteFSMiddleware(
+        recording_app([], b"written"),
+        db="app.db",
+        mount_dir=replica.path,
+        max_waiters=1,
+        forward="http",
+        primary_redirect_timeout="30s",
+    )
+    marked = {"X-LiteFS-Forwarded": "1"}
+    thread, result = in_thread(lambda: Client(mw).post("/first", headers=marked))
+    wait_until(lambda: mw.watcher.waiting_for_primary == 1, 10, "the write to wait for a primary")
+    refused = Client(mw).post("/second", headers=marked)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.get_data(as_text=True) == "Proxy error: too many requests waiting for a primary\n"
+    reader = Client(mw)
+    reader.set_cookie("__txid", "0000000000000002")
+    assert reader.get("/behind").status_code == 503  # the bound is shared: this read is refused too
+    reader.set_cookie("__txid", "0000000000000001")
+    assert reader.get("/reached").status_code == 200  # a read with nothing to wait for never is
+    replica.make_primary()
+    thread.join(20)
+    assert result[0].status_code == 200 and result[0].headers["Set-Cookie"].startswith("__txid=")
+    assert mw.watcher.waiting_for_primary == 0
+
+
+def test_a_write_waiting_for_a_primary_stops_when_its_client_leaves(replica):
+    watcher = Watcher(Node(replica.path))
+    gone = threading.Event()
+    thread, result = in_thread(watcher.wait_for_role, 60, True, 0.01, lambda: not gone.is_set())
+    wait_until(lambda: watcher.waiting_for_primary == 1, 10, "the write to wait for this node to be the primary")
+    assert thread.is_alive()
+    gone.set()
+    thread.join(20)
+    assert result == [(False, "node-a")]  # given up on at once, not after 60 s
+    assert watcher.waiting_for_primary == 0
