@@ -23,6 +23,11 @@ requests gave a read that adds 3% of the app's instructions 0.82 in one run:
   fixed ``Set-Cookie`` and nothing else (a reference too: what the server's handling of one
   more header costs, which any middleware that sets the cookie pays; the rules' own cost is
   the gap between this and the position not read);
+- write, -pos read and cookie only: the same POST through a wrapper of a dozen lines that
+  holds the head until the app returns, reads ``-pos`` (``pread`` on a descriptor it keeps,
+  or the file opened, as the wrapped cases read it), and adds the cookie for it, and nothing
+  else: no rules, no role, no restore (a reference: the floor of any middleware that gives a
+  write the position after it, which the write's ratio cannot pass on this machine);
 - read, start_response wrapper: the satisfied-cookie GET through a wrapper that only
   passes ``start_response`` through a closure of its own, as any middleware must that looks at
   the answer's status (ours does, for ReplayOnPrimary's 503): a reference for the reads.
@@ -59,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from importlib.metadata import version
 
@@ -67,9 +73,10 @@ from common import ROOT, callgrind_instructions
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from litefs_wsgi import LiteFSMiddleware
+from litefs_wsgi.cookie import TxidCookie
 from litefs_wsgi.node import Node
 from litefs_wsgi.testing import LiteFSMount
-from litefs_wsgi.txid import Pos, format_pos
+from litefs_wsgi.txid import Pos, format_pos, parse_pos_txid
 
 BODY = "x" * 200
 TXID = 42
@@ -111,6 +118,54 @@ def constant_cookie(app):
 
         return app(environ, add_cookie)
 
+    return wrapped
+
+
+class _PosFile:
+    """A ``-pos`` file read by ``pread`` on a kept descriptor, or opened for each read, as the
+    harness sets it (``set_keep_open``, as on each wrapped case's node)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.fd = path, None
+
+    def set_keep_open(self, keep: bool) -> None:
+        self.close()
+        if keep:
+            self.fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def pos_cookie(app, pos: _PosFile):
+    """``app`` answering a POST with the cookie of the position read when it has returned, and
+    no rules: the least a middleware giving a write its position can do."""
+    cookie = TxidCookie(["app.db"], 300, None)
+
+    def wrapped(environ, start_response):
+        if environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+            return app(environ, start_response)
+        head = []
+
+        def held(status, headers, exc_info=None):
+            head.append((status, headers))
+
+        result = app(environ, held)
+        if pos.fd is not None:
+            data = os.pread(pos.fd, 64, 0)
+        else:  # open(2), read(2), close(2), as litefs_wsgi.node does: no io objects
+            fd = os.open(pos.path, os.O_RDONLY)
+            try:
+                data = os.read(fd, 64)
+            finally:
+                os.close(fd)
+        status, headers = head[-1]
+        start_response(status, [*headers, ("Set-Cookie", cookie.header_of((parse_pos_txid(data),), False))])
+        return result
+
+    wrapped.watcher = types.SimpleNamespace(node=pos)  # its file kept open or not, as the nodes'
     return wrapped
 
 
@@ -181,6 +236,8 @@ def setup(tmp: str, cluster=None) -> tuple:
         unread.watcher.txid = lambda db: TXID  # the position as if known: no -pos read
         cases.append(("primary write, position not read", unread, environ("POST")))
         cases.append(("primary write, constant cookie", constant_cookie(flask_app().wsgi_app), environ("POST")))
+        pos = _PosFile(os.path.join(known.path, "app.db-pos"))
+        cases.append(("write, -pos read and cookie only", pos_cookie(flask_app().wsgi_app, pos), environ("POST")))
         cases.append(
             ("read, start_response wrapper", status_wrapper(flask_app().wsgi_app), environ("GET", f"{txid:016x}"))
         )
