@@ -867,14 +867,7 @@ class Forwarder:
                 cut = not _send(conn.sock, head)
                 written = True
                 if body is not None and not cut:
-                    if dest.scheme == "https":
-                        try:
-                            for block in body:
-                                conn.sock.sendall(block)
-                        except _CUT:
-                            cut = True  # it may have answered early (a 413, say) and closed: read on
-                    else:
-                        cut, early = _send_body(conn.sock, body, self._read)
+                    cut, early = _send_body(conn.sock, body, self._read)
                 answer = read_answer(conn.sock, method, early)
                 if cut:
                     answer.keep_alive = False
@@ -935,7 +928,7 @@ def _send(sock: socket.socket, data: bytes) -> bool:
 
 
 def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None) -> tuple[bool, bytes]:
-    """Send ``body`` on a plain TCP ``sock`` while watching for an answer: (cut, what came).
+    """Send ``body`` on ``sock`` while watching for an answer: (cut, what came).
 
     A target may refuse a body before it reads it (a 413, a 401, a redirect) and then stop
     reading: sent blindly, the rest would wait in a full socket buffer until ``timeout``,
@@ -947,16 +940,31 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
     then takes no more of the body for ``timeout``, its answer is relayed (``cut``) when it
     is whole or the target closed: it has said all it will (Go's Transport relays it as soon
     as it comes). An answer still coming is a target still at work, which the rest of the
-    body would have reached: a timeout, as without an early answer."""
+    body would have reached: a timeout, as without an early answer. Over TLS alike, the
+    socket in non-blocking mode meanwhile (an SSL socket takes no MSG_DONTWAIT)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return _watching(sock, body, timeout)
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return _watching(sock, body, timeout)
+    finally:
+        sock.settimeout(previous)
+
+
+def _watching(sock: socket.socket, body: Iterable[bytes], timeout: float | None) -> tuple[bool, bytes]:
     poller = select.poll()
     watch = select.POLLIN | select.POLLOUT
     poller.register(sock, watch)
     wait = -1 if timeout is None else min(max(1, int(timeout * 1000)), MAX_POLL_MS)
+    tls = isinstance(sock, ssl.SSLSocket)
     early = b""
     for block in body:
         view = memoryview(block)
         while view:
-            ready = poller.poll(wait)
+            # Over TLS a record already decrypted waits in the SSL object, not the socket.
+            pending = tls and watch & select.POLLIN and sock.pending()
+            ready = [(sock.fileno(), select.POLLIN)] if pending else poller.poll(wait)
             if not ready:
                 if watch == select.POLLOUT:  # after its 2xx head
                     early, closed = _take_available(sock, early)
@@ -966,9 +974,7 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
             events = ready[0][1]
             if events & select.POLLIN and watch & select.POLLIN:
                 try:
-                    more = sock.recv(CHUNK, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    more = None
+                    more = _recv_now(sock)
                 except _CUT:
                     return True, early
                 if more == b"":
@@ -985,8 +991,15 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
             if events & (select.POLLERR | select.POLLHUP) and not events & select.POLLOUT:
                 return True, early
             try:
-                sent = sock.send(view, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+                # Over TLS the same view again after SSLWantWriteError, as OpenSSL asks.
+                sent = sock.send(view) if tls else sock.send(view, socket.MSG_DONTWAIT)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                continue
+            except ssl.SSLWantReadError:  # TLS wants the peer's records first (a renegotiation)
+                reader = select.poll()
+                reader.register(sock, select.POLLIN)
+                if not reader.poll(wait):
+                    raise socket.timeout("the other side took no more of the body") from None
                 continue
             except _CUT:
                 return True, early
@@ -994,16 +1007,27 @@ def _send_body(sock: socket.socket, body: Iterable[bytes], timeout: float | None
     return False, early
 
 
+def _recv_now(sock: socket.socket) -> bytes | None:
+    """What the other side has sent, without waiting: None when nothing (over TLS, no
+    application data: a session ticket, say); b"" when it closed."""
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            return sock.recv(CHUNK)  # in non-blocking mode: see _send_body
+        return sock.recv(CHUNK, socket.MSG_DONTWAIT)
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return None
+
+
 def _take_available(sock: socket.socket, early: bytes) -> tuple[bytes, bool]:
     """``early`` and what the target has sent since, without waiting (a bounded amount);
     and whether it closed."""
     while len(early) < MAX_HEAD + CHUNK:
         try:
-            more = sock.recv(CHUNK, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return early, False
+            more = _recv_now(sock)
         except _CUT:
             return early, True
+        if more is None:
+            return early, False
         if not more:
             return early, True
         early += more

@@ -1033,6 +1033,99 @@ def test_an_https_upload_refused_early_then_closed_gets_that_answer(tls_files):
         target.close()
 
 
+class HeldEarlyAnswerOverTLS(TLSServer):
+    """EarlyAnswer over TLS: answers ``answer`` once a request's head is in; then, with
+    ``reads_on``, reads the whole body and counts it in ``received``; without, reads nothing
+    more and holds the connection open until the test closes the server or ``hold`` seconds
+    pass (then ``gave_up`` is set)."""
+
+    def __init__(self, cert: str, key: str, answer: bytes, reads_on: bool = False, hold: float = 60) -> None:
+        self.answer, self.reads_on, self.hold = answer, reads_on, hold
+        self.received: list[int] = []
+        self.done = threading.Event()
+        self.gave_up = threading.Event()
+        self._release = threading.Event()
+        super().__init__(cert, key)
+
+    def close(self) -> None:
+        self._release.set()
+        super().close()
+
+    def _tls_connection(self, conn, number: int) -> None:
+        try:
+            head = read_head(conn)
+        except EOFError:
+            return
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        conn.sendall(self.answer)
+        if not self.reads_on:
+            if not self._release.wait(self.hold):  # neither reads nor closes
+                self.gave_up.set()
+            return
+        got = 0
+        while got < length:
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            got += len(more)
+        self.received.append(got)
+        self.done.set()
+
+
+def tls_forwarder(cert: str, read_timeout: float) -> tuple[Forwarder, list]:
+    import ssl
+
+    forwarder = Forwarder(connect_timeout=5, read_timeout=read_timeout)
+    forwarder._tls = ssl.create_default_context(cafile=cert)
+    causes: list = []
+    forwarder.on_failure = lambda cause, to_primary: causes.append(cause)
+    return forwarder, causes
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_an_https_upload_refused_before_its_body_is_read_gets_that_answer_not_a_504(tls_files, kind):
+    # As over http: sent blindly (sendall), the body stopped in full buffers and the client
+    # got a 504 after read_timeout, for a target that neither reads nor closes.
+    cert, key = tls_files
+    target = HeldEarlyAnswerOverTLS(cert, key, REFUSED[kind])
+    try:
+        forwarder, causes = tls_forwarder(cert, read_timeout=20)
+        status, _, body = forward(forwarder, f"https://127.0.0.1:{target.port}", "POST", "/upload", b"x" * BIG)
+        final = REFUSED[kind].rpartition(b"HTTP/1.1 ")[2]
+        assert (status, causes) == (int(final[:3]), []), body
+        assert body == final.partition(b"\r\n\r\n")[2]
+        assert pooled(forwarder) == []
+        assert not target.gave_up.is_set()  # answered while the target still held on
+    finally:
+        target.close()
+
+
+def test_an_https_upload_answered_2xx_at_once_still_sends_the_whole_body(tls_files):
+    cert, key = tls_files
+    target = HeldEarlyAnswerOverTLS(cert, key, OK, reads_on=True)
+    try:
+        forwarder, causes = tls_forwarder(cert, read_timeout=20)
+        url = f"https://127.0.0.1:{target.port}"
+        assert forward(forwarder, url, "POST", "/upload", b"x" * (8 << 20))[::2] == (200, b"ok")
+        assert target.done.wait(20)
+        assert target.received == [8 << 20] and causes == []
+    finally:
+        target.close()
+
+
+def test_an_https_upload_answered_2xx_then_read_no_more_is_relayed(tls_files):
+    cert, key = tls_files
+    target = HeldEarlyAnswerOverTLS(cert, key, OK)
+    try:
+        forwarder, causes = tls_forwarder(cert, read_timeout=1)
+        url = f"https://127.0.0.1:{target.port}"
+        status, _, body = forward(forwarder, url, "POST", "/upload", b"x" * (16 << 20))
+        assert (status, body, causes) == (200, b"ok", [])
+        assert not target.gave_up.is_set()
+    finally:
+        target.close()
+
+
 def test_an_upload_with_a_read_timeout_of_weeks_is_forwarded(upstream_factory):
     # read_timeout "720h" (a month, for long-lived streams) is a valid option; poll(2) takes
     # at most 2**31 - 1 ms (24.8 days): every body sent by _send_body raised OverflowError, a 500.
