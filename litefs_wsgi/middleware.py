@@ -111,6 +111,9 @@ def request_path(environ: dict) -> str:
         return path
 
 
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer's FIN, whatever is still unread
+
+
 def client_alive(environ: dict) -> Callable[[], bool] | None:
     """A callable telling whether the client is still connected, from gunicorn's client
     socket; None under a server that does not expose it. It only peeks: a byte the client
@@ -122,9 +125,12 @@ def client_alive(environ: dict) -> Callable[[], bool] | None:
     def alive() -> bool:
         try:
             poller = select.poll()  # not select.select: it fails on descriptors over 1023
-            poller.register(sock, select.POLLIN)
-            if not poller.poll(0):
+            poller.register(sock, select.POLLIN | _POLLRDHUP)
+            events = poller.poll(0)
+            if not events:
                 return True
+            if events[0][1] & (_POLLRDHUP | select.POLLHUP | select.POLLERR):
+                return False  # the client's FIN, even behind body bytes nobody has read yet
             # Readable with nothing to read is the client's FIN (or a reset, raising below).
             return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) != b""
         except (BlockingIOError, InterruptedError):
@@ -353,9 +359,14 @@ class LiteFSMiddleware:
                 return _discard
             return start_response(status, headers, exc_info)
 
-        result = self.app(environ, intercept)
+        try:
+            result = self.app(environ, intercept)
+        except BaseException:
+            if not replay:
+                served()  # counted once, an app that raises too
+            raise
         if not replay:
-            # Counted once the app has answered, here and not in intercept: one free variable
+            # Counted once the app has returned, here and not in intercept: one free variable
             # fewer for each read's closure. A replayed read counts where it goes.
             served()
             return result

@@ -126,6 +126,10 @@ class Watcher:
                 self._clear_memos()
             elif self._forgotten == forgotten:  # no call between the check and the store
                 self._seen[db] = entry
+                if self._forgotten != forgotten:
+                    # forget() ran between the check and the store, on the event thread (a
+                    # restore told by /events): what this thread read may predate it.
+                    self._seen.pop(db, None)
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import socket
+import sys
 import threading
 
 import pytest
@@ -436,3 +438,50 @@ def test_a_stream_silent_longer_than_the_init_timeout_stays_connected(replica, l
     assert watcher.events.connected and litefs.connections == 1
     litefs.send(tx_event("app.db", 7))
     wait_until(lambda: watcher.events.txids.get("app.db") == 7, 10, "the tx event")
+
+
+def test_a_restore_told_while_a_read_stores_what_it_read_is_not_kept_over_it(replica, litefs, closing):
+    # A read that read the file before a restore must not store that position once the
+    # event thread has forgotten everything for the restore (Watcher.forget, on_restore), not
+    # even when forget() runs between its "nothing forgotten since" check and its store: a
+    # tracer holds the read just there, where a thread switch can fall.
+    from litefs_wsgi import watcher as watcher_module
+
+    lines = inspect.getsource(watcher_module).splitlines()
+    check = next(n for n, line in enumerate(lines, 1) if "elif self._forgotten == forgotten:" in line)
+    replica.set_position("app.db", 10)
+    mw = middleware(replica, litefs.url, closing, app_for([]), poll_timeout="20ms")
+    mw.watcher.clock = Clock()  # never moves: only the restore can make the read wait
+    litefs.send(tx_event("app.db", 8))  # the files run ahead of the stream: the read reads the file
+    wait_until(lambda: mw.watcher.events.txids.get("app.db") == 8, 10, "tx 8")
+    cookie = {"Cookie": f"__txid={10:016x}"}
+    at_store, release = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is watcher_module.Watcher.txid.__code__:
+            return held
+        return None
+
+    def held(frame, event, arg):
+        if event == "line" and frame.f_lineno == check + 1 and not at_store.is_set():
+            at_store.set()  # the check passed
+            release.wait(10)
+        return held
+
+    def read():
+        sys.settrace(tracer)
+        try:
+            return Client(mw, use_cookies=False).get("/", headers=cookie).status_code
+        finally:
+            sys.settrace(None)
+
+    thread, result = in_thread(read)
+    assert at_store.wait(10)
+    replica.set_position("app.db", 4)  # restored: LiteFS then sends the lower TXID
+    litefs.send(tx_event("app.db", 4))
+    litefs.send(tx_event("sentinel.db", 1))
+    wait_until(lambda: mw.watcher.events.txids.get("sentinel.db") == 1, 10, "the events")
+    release.set()
+    thread.join(10)
+    assert result == [200]  # it read TXID 10 before the restore: served, as it would have been
+    assert Client(mw, use_cookies=False).get("/", headers=cookie).status_code == 504

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
-from servers import NOT_PRIMARY, RawServer, in_thread, stop, tx_event, wait_until
+from servers import NOT_PRIMARY, RawServer, in_thread, proxy_config, serve, standalone_proxy, stop, tx_event, wait_until
 from werkzeug.test import Client
 
 from litefs_wsgi import LiteFSMiddleware, ReplayOnPrimary
@@ -263,3 +264,20 @@ def test_an_event_stream_without_chunked_framing_is_read_as_it_arrives(tmp_path)
         release.set()
         watcher.close()
         listener.close()
+
+
+def test_a_marked_write_whose_client_left_behind_its_body_frees_the_thread(tmp_path, replica):
+    # A write marked as forwarded waits on a replica for this node to become the primary
+    # (primary_redirect_timeout, 60 s here). Its client sends 64 KiB of body and leaves: the
+    # unread body stands before the FIN, so a peek alone saw a client still there and the
+    # one thread stayed taken for the whole minute. The next request must be served at once.
+    with serve(lambda environ, start_response: (start_response("200 OK", []), [b"target"])[1]) as target:
+        config = proxy_config(tmp_path, replica, target.removeprefix("http://"), primary_redirect_timeout="60s")
+        with standalone_proxy(config, threads=1) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                head = "POST /w HTTP/1.1\r\nHost: x\r\nX-LiteFS-Forwarded: 1\r\nContent-Length: 65536\r\n\r\n"
+                client.sendall(head.encode() + b"a" * 65536)
+                time.sleep(0.3)  # taken by the one thread, which waits for a primary
+            with urllib.request.urlopen(url + "/read", timeout=20) as answer:  # well within the minute
+                assert answer.read() == b"target"

@@ -251,6 +251,20 @@ def test_the_other_decisions_count_once_each(replica, mount, tmp_path):
 
 
 @needs_prometheus
+def test_a_read_whose_app_raises_is_counted_once(mount):
+    # Counted once the app has returned, or raised: a plain WSGI app that starts its answer
+    # and then raises (the server's 500) is a read too, as when counted at start_response.
+    def raises(environ, start_response):
+        start_response("200 OK", [])
+        raise RuntimeError("the view failed")
+
+    counts = Counts()
+    with pytest.raises(RuntimeError):
+        Client(LiteFSMiddleware(raises, db="app.db", mount_dir=mount.path), use_cookies=False).get("/")
+    assert counts.moved() == {"read": 1}
+
+
+@needs_prometheus
 def test_forward_failures_by_cause(replica, mount):
     closed = free_port()
     options = {"db": "app.db", "forward": "http", "connect_timeout": "200ms"}
