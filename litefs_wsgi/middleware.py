@@ -480,7 +480,7 @@ class LiteFSMiddleware:
             if method in ("GET", "HEAD") and not replayed and not writes:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
                 return self.app(environ, start_response)
-            head = _HeldHead(self._add_cookie, start_response, environ.get("wsgi.url_scheme") == "https")
+            head = _HeldHead(self, start_response, environ.get("wsgi.url_scheme") == "https")
             if not self._may_replay:
                 # The standalone proxy's target has sent its head when it calls start_response,
                 # which is when LiteFS's proxy reads the position.
@@ -585,10 +585,21 @@ class LiteFSMiddleware:
     def _add_cookie(self, start_response, secure: bool, status: str, headers: list, exc_info=None):
         """Call the server's ``start_response`` with the ``__txid`` cookie of the position now."""
         only = self._only_db
-        if only is not None:  # one database, the usual case, without a comprehension
-            txids: tuple = (self.watcher.txid(only),)
-        else:
+        if only is None:
             txids = tuple([self.watcher.txid(db) for db in self.config.db])
+        else:
+            txid = self.watcher.txid(only)
+            if txid is not None and self._txid_key is None:
+                # The usual case, here and not in _add_cookies: one database, its position
+                # known, no txid_header (this runs on every write, where a call costs).
+                return start_response(
+                    status, [*headers, ("Set-Cookie", self.cookie.header_of((txid,), secure))], exc_info
+                )
+            txids = (txid,)
+        return self._add_cookies(start_response, secure, status, headers, exc_info, txids)
+
+    def _add_cookies(self, start_response, secure: bool, status: str, headers: list, exc_info, txids: tuple):
+        """``_add_cookie`` for the positions ``txids`` read (None: no position), one per database."""
         if None in txids:
             self._note_no_position(dict(zip(self.config.db, txids)))
             if txids.count(None) == len(txids):
@@ -609,44 +620,48 @@ class LiteFSMiddleware:
 class _HeldHead:
     """A write's ``start_response``, as the app gets it: the head it is given is held until
     ``release``, the first ``write`` or, once released, sent at once, each time through
-    ``send`` (LiteFSMiddleware._add_cookie, which reads the position). One object, not
-    closures: a write then allocates one object where three closures and their cells took
-    a dozen, each one more for Python's garbage collector to count and visit (4,200
-    instructions a write fewer, ``bench/overhead.py --instructions``)."""
+    ``middleware._add_cookie``, which reads the position. One object, not closures: a write
+    then allocates one object where three closures and their cells took a dozen, each one
+    more for Python's garbage collector to count and visit (4,200 instructions a write
+    fewer, ``bench/overhead.py --instructions``). It holds the middleware, not its bound
+    ``_add_cookie`` (a bound method made on every write), and the head's status and headers
+    apart, not a tuple that ``release`` would unpack into a call (``bench/overhead.py``: the
+    write's CPU time, with the changes in ``Watcher.txid``, 0.02-0.03 of the app's)."""
 
-    __slots__ = ("send", "start_response", "secure", "head", "released", "server_write")
+    __slots__ = ("middleware", "start_response", "secure", "status", "headers", "released", "server_write")
 
-    def __init__(self, send: Callable, start_response: Callable, secure: bool) -> None:
-        self.send = send
+    def __init__(self, middleware: LiteFSMiddleware, start_response: Callable, secure: bool) -> None:
+        self.middleware = middleware
         self.start_response = start_response
         self.secure = secure
-        self.head: tuple[str, list] | None = None  # given by the app, not sent yet
+        self.headers: list | None = None  # given by the app with ``status``, not sent yet
         self.released = False  # the head goes to the server as it is given
         self.server_write: Callable[[bytes], Any] | None = None
 
     def __call__(self, status: str, headers: list, exc_info=None) -> Callable[[bytes], Any]:
         if self.released:
-            return self.send(self.start_response, self.secure, status, headers, exc_info)
-        if self.head is not None and exc_info is None:  # as the server would say (PEP 3333: a fatal error)
+            return self.middleware._add_cookie(self.start_response, self.secure, status, headers, exc_info)
+        if self.headers is not None and exc_info is None:  # as the server would say (PEP 3333: a fatal error)
             raise AssertionError("start_response called a second time without exc_info")
         # A second call (an error, with exc_info) replaces the first: the server has seen
         # neither, nothing was sent, and there is nothing to raise again.
-        self.head = (status, headers)
+        self.status = status
+        self.headers = headers
         return self.write
 
     def write(self, data: bytes) -> Any:
         """The server's write(), for an app that writes before it returns."""
-        if self.head is not None:
+        if self.headers is not None:
             self.release()
         return self.server_write(data)
 
     def release(self) -> None:
         """Send the head held, if any; any head given from now on is sent at once."""
         self.released = True
-        head = self.head
-        if head is not None:
-            self.head = None
-            self.server_write = self.send(self.start_response, self.secure, *head)
+        headers = self.headers
+        if headers is not None:
+            self.headers = None
+            self.server_write = self.middleware._add_cookie(self.start_response, self.secure, self.status, headers)
 
 
 def _too_many(start_response, what: str) -> Iterable[bytes]:

@@ -118,18 +118,29 @@ class Watcher:
             seen = self._seen.get(db)
             entry = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
             if seen is not None and txid < seen[0]:
-                # A restore: what was known reached may be no longer. Counted before it is
-                # stored, so that a read under way meanwhile, which may have read the file
-                # before the restore, does not store its higher position over this one.
-                self._forgotten += 1
-                self._seen[db] = entry
-                self._clear_memos()
+                self._restored(db, entry)
             elif self._forgotten == forgotten:  # no call between the check and the store
                 self._seen[db] = entry
                 if self._forgotten != forgotten:
                     # forget() ran between the check and the store, on the event thread (a
                     # restore told by /events): what this thread read may predate it.
                     self._seen.pop(db, None)
+        # Read on every write: what only the event stream needs is in a method of its own, so
+        # that without an api_url a write pays one comparison for it.
+        if self.events is None:
+            return txid
+        return self._raised_by_events(db, txid)
+
+    def _restored(self, db: str, entry: tuple[int, float]) -> None:
+        # A restore: what was known reached may be no longer. Counted before it is stored, so
+        # that a read under way meanwhile, which may have read the file before the restore,
+        # does not store its higher position over this one.
+        self._forgotten += 1
+        self._seen[db] = entry
+        self._clear_memos()
+
+    def _raised_by_events(self, db: str, txid: int | None) -> int | None:
+        """``txid``, the file's, raised to the database's last tx event while the stream is up."""
         events = self.events
         if events is not None and events.connected:  # while the stream is down, the file decides
             seen = events.txids.get(db)  # .get: the event thread may replace the dict meanwhile
