@@ -791,7 +791,42 @@ def test_expect_100_continue_through_the_standalone_proxy(tmp_path, upstream_fac
 # -- an answer that comes before the whole body was sent -------------------------------------
 
 
-class EarlyAnswer(RawServer):
+class _AnswersEarly:
+    """What EarlyAnswer and EarlyAnswerOverTLS share: the answer, and one connection's part."""
+
+    def _early(self, answer: bytes, reads_on: bool, hold: float) -> None:
+        self.answer, self.reads_on, self.hold = answer, reads_on, hold
+        self.received: list[int] = []
+        self.done = threading.Event()
+        self.gave_up = threading.Event()
+        self._release = threading.Event()
+
+    def close(self) -> None:
+        self._release.set()
+        super().close()
+
+    def _answer_early(self, conn) -> None:
+        try:
+            head = read_head(conn)  # nothing of the body read
+        except EOFError:
+            return
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        conn.sendall(self.answer)
+        if not self.reads_on:
+            if not self._release.wait(self.hold):  # neither reads nor closes
+                self.gave_up.set()
+            return
+        got = 0
+        while got < length:
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            got += len(more)
+        self.received.append(got)
+        self.done.set()
+
+
+class EarlyAnswer(_AnswersEarly, RawServer):
     """Answers ``answer`` as soon as a request's head is in, before its body. Then, with
     ``reads_on``, reads the whole body and counts it in ``received``; without, reads nothing
     more and holds the connection open (as a server that refused the body may) until the
@@ -799,38 +834,13 @@ class EarlyAnswer(RawServer):
     relayed only after that came from the close, not from what was sent first)."""
 
     def __init__(self, answer: bytes, reads_on: bool = False, hold: float = 60) -> None:
-        self.answer, self.reads_on, self.hold = answer, reads_on, hold
-        self.received: list[int] = []
-        self.done = threading.Event()
-        self.gave_up = threading.Event()
-        self._release = threading.Event()
+        self._early(answer, reads_on, hold)
         super().__init__()
-
-    def close(self) -> None:
-        self._release.set()
-        super().close()
 
     def _connection(self, conn: socket.socket, number: int) -> None:
         with conn:
             conn.settimeout(20)
-            try:
-                head = read_head(conn)  # nothing of the body read
-            except EOFError:
-                return
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            conn.sendall(self.answer)
-            if not self.reads_on:
-                if not self._release.wait(self.hold):  # neither reads nor closes
-                    self.gave_up.set()
-                return
-            got = 0
-            while got < length:
-                more = conn.recv(1 << 20)
-                if not more:
-                    break
-                got += len(more)
-            self.received.append(got)
-            self.done.set()
+            self._answer_early(conn)
 
 
 TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
@@ -1033,43 +1043,15 @@ def test_an_https_upload_refused_early_then_closed_gets_that_answer(tls_files):
         target.close()
 
 
-class HeldEarlyAnswerOverTLS(TLSServer):
-    """EarlyAnswer over TLS: answers ``answer`` once a request's head is in; then, with
-    ``reads_on``, reads the whole body and counts it in ``received``; without, reads nothing
-    more and holds the connection open until the test closes the server or ``hold`` seconds
-    pass (then ``gave_up`` is set)."""
+class HeldEarlyAnswerOverTLS(_AnswersEarly, TLSServer):
+    """EarlyAnswer over TLS."""
 
     def __init__(self, cert: str, key: str, answer: bytes, reads_on: bool = False, hold: float = 60) -> None:
-        self.answer, self.reads_on, self.hold = answer, reads_on, hold
-        self.received: list[int] = []
-        self.done = threading.Event()
-        self.gave_up = threading.Event()
-        self._release = threading.Event()
+        self._early(answer, reads_on, hold)
         super().__init__(cert, key)
 
-    def close(self) -> None:
-        self._release.set()
-        super().close()
-
     def _tls_connection(self, conn, number: int) -> None:
-        try:
-            head = read_head(conn)
-        except EOFError:
-            return
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        conn.sendall(self.answer)
-        if not self.reads_on:
-            if not self._release.wait(self.hold):  # neither reads nor closes
-                self.gave_up.set()
-            return
-        got = 0
-        while got < length:
-            more = conn.recv(1 << 20)
-            if not more:
-                break
-            got += len(more)
-        self.received.append(got)
-        self.done.set()
+        self._answer_early(conn)
 
 
 def tls_forwarder(cert: str, read_timeout: float) -> tuple[Forwarder, list]:
