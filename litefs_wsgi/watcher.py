@@ -253,7 +253,7 @@ class Watcher:
         waiter = _Waiter(targets)
         bound = self.max_waiters if max_waiters is None else max_waiters
         with self._cond:
-            if bound and len(self._waiters) + self._role_waiters >= bound:
+            if self._full(bound):
                 raise TooManyWaiters()
             self._waiters.append(waiter)
             self._changed = True
@@ -320,32 +320,39 @@ class Watcher:
         marked as forwarded would otherwise hold a thread for ``timeout`` at no cost to it.
         """
         deadline = time.monotonic() + timeout
+
+        def settled() -> bool:
+            return is_primary or (hostname is not None and not need_primary)
+
         is_primary, hostname = self.role(fresh=True)
-        if is_primary or (hostname is not None and not need_primary) or timeout <= 0:
+        if settled() or timeout <= 0:
             return is_primary, hostname
         bound = self.max_waiters if max_waiters is None else max_waiters
         with self._cond:
-            if bound and len(self._waiters) + self._role_waiters >= bound:
+            if self._full(bound):
                 raise TooManyWaiters()
             self._role_waiters += 1
         try:
             asked = time.monotonic()
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return is_primary, hostname
+            while (remaining := deadline - time.monotonic()) > 0:
                 with self._cond:
                     self._cond.wait(min(step, remaining))
                 is_primary, hostname = self.role(fresh=True)
-                if is_primary or (hostname is not None and not need_primary):
-                    return is_primary, hostname
+                if settled():
+                    break
                 if alive is not None and time.monotonic() - asked >= ALIVE_CHECK_INTERVAL:
                     if not alive():
-                        return is_primary, hostname
+                        break
                     asked = time.monotonic()
+            return is_primary, hostname
         finally:
             with self._cond:
                 self._role_waiters -= 1
+
+    def _full(self, bound: int) -> bool:
+        """Under ``_cond``: whether ``bound`` requests (0: no bound) already wait, reads for
+        their TXID and writes for a primary together."""
+        return bool(bound) and len(self._waiters) + self._role_waiters >= bound
 
     def _on_event(self) -> None:
         with self._cond:
