@@ -233,7 +233,8 @@ def setup(tmp: str, cluster=None) -> tuple:
         known.make_primary()
         known.set_position("app.db", TXID)
         unread = LiteFSMiddleware(flask_app().wsgi_app, mount_dir=known.path, **options)
-        unread.watcher.txid = lambda db: TXID  # the position as if known: no -pos read
+        known_bytes = format_pos(Pos(TXID, 0))
+        unread.watcher.node.pos_bytes = lambda db: known_bytes  # the position as if known: no -pos read
         cases.append(("primary write, position not read", unread, environ("POST")))
         cases.append(("primary write, constant cookie", constant_cookie(flask_app().wsgi_app), environ("POST")))
         pos = _PosFile(os.path.join(known.path, "app.db-pos"))

@@ -151,10 +151,16 @@ class TxidCookie:
 
     def header_of(self, txids: tuple[int, ...], secure: bool) -> str:
         """``header`` for TXIDs given in the order of ``dbs``."""
+        return self.made(txids, secure)[4]
+
+    def made(self, txids: tuple[int, ...], secure: bool) -> tuple[tuple[int, ...], bool, float, float, str]:
+        """``header_of``, with what it was made for: (``txids``, ``secure``, the span of
+        ``time.time()`` in which it serves, the header). A caller may keep it, to send the
+        header again while the span lasts."""
         now = time.time()
         memo = self._last
         if memo[2] <= now < memo[3] and memo[0] == txids and memo[1] is secure:
-            return memo[4]
+            return memo
         expires = int(now + self.expiry)
         if len(txids) == 1:
             value = format_txid(txids[0])
@@ -166,8 +172,8 @@ class TxidCookie:
         header = f"{COOKIE_NAME}={value}{_attributes(expires, secure)}"
         # One tuple: threads see it whole. It serves while int(now + expiry) stays ``expires``
         # (to within a float's rounding at the edge of the second: an Expires a second off).
-        self._last = (txids, secure, expires - self.expiry, expires + 1 - self.expiry, header)
-        return header
+        made = self._last = (txids, secure, expires - self.expiry, expires + 1 - self.expiry, header)
+        return made
 
 
 def value_of(set_cookie: str) -> str:

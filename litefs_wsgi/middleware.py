@@ -210,6 +210,11 @@ class LiteFSMiddleware:
         if flask_app is not None:
             answer_replays(flask_app)
         self._only_db = config.db[0] if len(config.db) == 1 else None
+        self._require_mount, self._debug_on = config.require_mount, config.debug  # read on every write
+        # The -pos bytes the last write read and the cookie made of them (see _add_cookie).
+        # Not with api_url, where a tx event can raise the position past the file's.
+        self._last_write: tuple[bytes | None, tuple] = (None, ((0,), None, 0.0, 0.0, ""))
+        self._keep_last_write = self.watcher.events is None
         self._url_needs_port = "{port}" in config.primary_url
         # Cookie headers whose TXIDs were found reached (Watcher.reached): a client sends the
         # same one until its next write, and each read then costs a look-up. Not with a
@@ -240,10 +245,12 @@ class LiteFSMiddleware:
         # to forward the request again (and, on the primary, answer it with the cookie):
         # sent by a client, it can never choose where a request goes.
         replayed = environ.pop(HOP_ENVIRON_KEY, None) is not None or "HTTP_FLY_REPLAY_SRC" in environ
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method != "GET" and method != "HEAD" and self._passthrough is None:
+            return self._write(environ, start_response, method, None, replayed)  # its path not needed
         path = environ.get("PATH_INFO", "")
         if not path.isascii() or environ.get("SCRIPT_NAME"):
             path = request_path(environ)  # else the same path, without a call on every request
-        method = environ.get("REQUEST_METHOD", "GET")
         if self._passthrough is not None and self._passthrough.fullmatch(path):
             self._debug("passthrough", method, path)
             return self._pass(environ, start_response, method, path)
@@ -445,16 +452,22 @@ class LiteFSMiddleware:
     def _write(self, environ, start_response, method, path, replayed, writes: bool = False) -> Iterable[bytes]:
         """Run the request on the primary: here, or sent there. ``writes``: a GET or HEAD whose
         view asked for the primary, which gets the cookie if it runs here (this node may have
-        become the primary while it waited for one)."""
-        if self.config.require_mount and self.watcher.mount_problem() is not None:
-            self._refuse_unmounted(method, path)
+        become the primary while it waited for one). ``path``: None when not found yet (a
+        write, routed by its method alone), found here only where it is said."""
+        watcher = self.watcher
+        if self._require_mount and watcher.mount_problem() is not None:
+            self._refuse_unmounted(method, path or request_path(environ))
             self._metrics.no_primary()
             return errors.error(start_response, 503, self._not_mounted)
-        is_primary, primary = self.watcher.role()
+        if watcher.clock() <= watcher.primary_until:  # the files said so within STATE_TTL
+            is_primary, primary = True, None
+        else:
+            is_primary, primary = watcher.role()
         if not is_primary and (primary is None or replayed):
             # An election; or a request another node already sent here, while two nodes may
             # each name the other (a failover): wait for a primary, and for a replayed
             # request, for this node to become it. Never forward a request twice.
+            path = path or request_path(environ)
             try:
                 is_primary, primary = self.watcher.wait_for_role(
                     self.config.primary_redirect_timeout,
@@ -474,8 +487,8 @@ class LiteFSMiddleware:
                     return errors.error(start_response, 503, errors.NOT_PRIMARY)
                 return errors.error(start_response, 503, errors.NO_PRIMARY)
         if is_primary:
-            if self.config.debug:
-                self._debug("write on the primary", method, path)
+            if self._debug_on:
+                self._debug("write on the primary", method, path or request_path(environ))
             self._metrics.write_primary()
             if method in ("GET", "HEAD") and not replayed and not writes:
                 # An always_forward read: LiteFS sets the cookie by method, never on a GET.
@@ -494,6 +507,7 @@ class LiteFSMiddleware:
             result = self.app(environ, head)
             head.release()
             return result
+        path = path or request_path(environ)
         if self.config.forward == "fly-replay" and _replayable(environ):
             self._debug("fly-replay", method, path, primary)
             self._metrics.fly_replay()
@@ -585,18 +599,29 @@ class LiteFSMiddleware:
     def _add_cookie(self, start_response, secure: bool, status: str, headers: list, exc_info=None):
         """Call the server's ``start_response`` with the ``__txid`` cookie of the position now."""
         only = self._only_db
-        if only is None:
+        if only is None or self._txid_key is not None:
             txids = tuple([self.watcher.txid(db) for db in self.config.db])
-        else:
-            txid = self.watcher.txid(only)
-            if txid is not None and self._txid_key is None:
-                # The usual case, here and not in _add_cookies: one database, its position
-                # known, no txid_header (this runs on every write, where a call costs).
-                return start_response(
-                    status, [*headers, ("Set-Cookie", self.cookie.header_of((txid,), secure))], exc_info
-                )
-            txids = (txid,)
-        return self._add_cookies(start_response, secure, status, headers, exc_info, txids)
+            return self._add_cookies(start_response, secure, status, headers, exc_info, txids)
+        # The usual case, here and not in _add_cookies: one database, no txid_header. This
+        # runs on every write, where a call costs what the pread(2) does: the bytes the last
+        # write read, read again within the second, send the same cookie, as long as the
+        # watcher has seen no other position since (a restore below it is then noticed here).
+        watcher = self.watcher
+        data = watcher.node.pos_bytes(only)
+        last = self._last_write
+        if data == last[0]:
+            made = last[1]
+            if made[1] is secure and made[2] <= time.time() < made[3]:
+                seen = watcher.seen.get(only)
+                if seen is not None and seen[0] == made[0][0]:
+                    return start_response(status, [*headers, ("Set-Cookie", made[4])], exc_info)
+        txid = watcher.txid(only, data)
+        if txid is None:
+            return self._add_cookies(start_response, secure, status, headers, exc_info, (txid,))
+        made = self.cookie.made((txid,), secure)
+        if self._keep_last_write:
+            self._last_write = (data, made)
+        return start_response(status, [*headers, ("Set-Cookie", made[4])], exc_info)
 
     def _add_cookies(self, start_response, secure: bool, status: str, headers: list, exc_info, txids: tuple):
         """``_add_cookie`` for the positions ``txids`` read (None: no position), one per database."""

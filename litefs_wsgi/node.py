@@ -295,6 +295,12 @@ class Node:
         """The TXID of the database's position (what a request needs, parsed alone), or what
         ``parse`` makes of the file (``pos`` passes ``parse_pos``); None when it does not exist
         yet or cannot be read."""
+        data = self.pos_bytes(db)
+        return None if data is None else self.parsed(db, data, parse)
+
+    def pos_bytes(self, db: str) -> bytes | None:
+        """The bytes of the database's ``-pos`` file, as read now; None when it does not exist
+        yet or cannot be read (said once)."""
         # Read on every write: a descriptor kept and still serving is read here, with no call
         # between this and the pread(2) (a Python call costs about what the read does).
         kept = self._kept.get(db)
@@ -307,25 +313,21 @@ class Node:
                 except OSError:
                     data = b""  # the mount went away (ENOTCONN): opening again says why
                 if data:  # else let go meanwhile (/dev/null reads nothing): opened below
-                    value = parse(data)
-                    if value is None:  # said, and not opened again: the file is as LiteFS serves it
-                        self._report_malformed(db, data)
-                    return value
-        return self._read_pos(db, parse, kept)
-
-    def _read_pos(self, db: str, parse: Callable[[bytes], T | None], kept: list | None = None) -> T | None:
-        """``txid`` with the file opened: for each read, or to keep a descriptor (again) in
-        place of ``kept``, the one this thread found past its time or let go."""
+                    return data
         path = self._pos_paths.get(db)
         if path is None:
             path = self._pos_paths[db] = os.path.join(self.mount_dir, db + "-pos")
         try:
-            data = self._open_kept(db, path, kept) if self.keep_open else _read(path)
+            # A descriptor opened now in place of ``kept``, the one this thread found past its
+            # time or let go; or the file opened for this read alone.
+            return self._open_kept(db, path, kept) if self.keep_open else _read(path)
         except OSError as exc:  # a directory, no permission, the mount going away
             self._report(logging.WARNING, db, str(exc), "cannot read the position of %s: %s", db, exc)
             return None
-        if data is None:
-            return None
+
+    def parsed(self, db: str, data: bytes, parse: Callable[[bytes], T | None] = parse_pos_txid) -> T | None:
+        """What ``parse`` makes of ``data``, the database's ``-pos`` bytes; None, said once,
+        when they are not a position. Not opened again for that: the file is as LiteFS serves it."""
         value = parse(data)
         if value is None:
             self._report_malformed(db, data)

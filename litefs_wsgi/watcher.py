@@ -33,6 +33,9 @@ STATE_TTL = 0.1
 MEMO_MAX = 4096
 
 
+_READ = object()  # Watcher.txid's default: read the file now
+
+
 class _Memo(dict):
     """A dict a weak reference can point at: a watcher keeps no memo of a middleware gone."""
 
@@ -73,13 +76,17 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._changed = False
         self.clock: Callable[[], float] = time.monotonic
-        # db -> (TXID, until when it is trusted) and (role, until when): see STATE_TTL.
-        self._seen: dict[str, tuple[int, float]] = {}
+        # db -> (TXID, until when it is trusted) and (role, until when): see STATE_TTL. Read
+        # by a middleware too: a position it sees again is one no restore has gone below.
+        self.seen: dict[str, tuple[int, float]] = {}
         self._role: tuple[tuple[bool, str | None], float] = ((True, None), float("-inf"))
+        # Until when (on clock) the files last said this node is the primary: what a write
+        # asks first, without a call (-inf: ask role(), with the event stream too).
+        self.primary_until = float("-inf")
         # The memos of reached() (see memo()), emptied in place when a position goes backwards.
         self._memos: weakref.WeakValueDictionary[int, _Memo] = weakref.WeakValueDictionary()
         self._memos_lock = threading.Lock()
-        # Counts the times the memos were emptied: a reached() that read _seen before one of
+        # Counts the times the memos were emptied: a reached() that read seen before one of
         # them does not keep what it found (see reached).
         self._forgotten = 0
         self.api_url = api_url
@@ -109,22 +116,25 @@ class Watcher:
 
     # -- state -------------------------------------------------------------------------
 
-    def txid(self, db: str) -> int | None:
+    def txid(self, db: str, data: bytes | None | object = _READ) -> int | None:
         """The database's TXID now (the file is read), or None when it does not exist (or
-        cannot be read)."""
+        cannot be read). ``data``: the ``-pos`` bytes the caller has just read with
+        ``node.pos_bytes`` (None: no file), not read again."""
         forgotten = self._forgotten  # before the read: see below
-        txid = self.node.txid(db)
+        if data is _READ:
+            data = self.node.pos_bytes(db)
+        txid = None if data is None else self.node.parsed(db, data)
         if txid is not None:
-            seen = self._seen.get(db)
+            seen = self.seen.get(db)
             entry = (txid, self.clock() + STATE_TTL)  # a deadline: one comparison per read
             if seen is not None and txid < seen[0]:
                 self._restored(db, entry)
             elif self._forgotten == forgotten:  # no call between the check and the store
-                self._seen[db] = entry
+                self.seen[db] = entry
                 if self._forgotten != forgotten:
                     # forget() ran between the check and the store, on the event thread (a
                     # restore told by /events): what this thread read may predate it.
-                    self._seen.pop(db, None)
+                    self.seen.pop(db, None)
         # Read on every write: what only the event stream needs is in a method of its own, so
         # that without an api_url a write pays one comparison for it.
         if self.events is None:
@@ -136,7 +146,7 @@ class Watcher:
         # that a read under way meanwhile, which may have read the file before the restore,
         # does not store its higher position over this one.
         self._forgotten += 1
-        self._seen[db] = entry
+        self.seen[db] = entry
         self._clear_memos()
 
     def _raised_by_events(self, db: str, txid: int | None) -> int | None:
@@ -172,14 +182,17 @@ class Watcher:
         if fresh or now > until:
             role = self.node.role()
             self._role = (role, now + STATE_TTL)
+            if events is None:  # else the stream, once up again, says first
+                self.primary_until = now + STATE_TTL if role[0] else float("-inf")
         return role
 
     def forget(self) -> None:
         """Read the files again on the next request, whatever STATE_TTL says."""
         self._forgotten += 1  # first: a read under way stores nothing it read before this
-        self._seen = {}
+        self.seen = {}
         self._clear_memos()
         self._role = (self._role[0], float("-inf"))
+        self.primary_until = float("-inf")
         self._mount_checked = float("-inf")
 
     # -- waiting -----------------------------------------------------------------------
@@ -195,8 +208,8 @@ class Watcher:
         return memo
 
     def _clear_memos(self) -> None:
-        # Called once _forgotten has moved and _seen is updated: a reached() racing with this
-        # either reads the new _seen or sees the count move and drops what it stored.
+        # Called once _forgotten has moved and seen is updated: a reached() racing with this
+        # either reads the new seen or sees the count move and drops what it stored.
         with self._memos_lock:
             memos = list(self._memos.values())
         for memo in memos:
@@ -212,7 +225,7 @@ class Watcher:
         until = float("inf")
         for db in targets:  # not .items(): a read-only mapping's items cost twice its keys
             target = targets[db]
-            seen = self._seen.get(db)
+            seen = self.seen.get(db)
             if seen is None or seen[0] < target or now > seen[1]:
                 events = self.events
                 if events is None or not events.connected or events.txids.get(db, -1) < target:

@@ -45,7 +45,7 @@ def get(client: Client, txid: int):
 def test_a_satisfied_cookie_reads_no_file_within_the_bound(replica):
     replica.set_position("app.db", 10)
     client, middleware, clock = setup(replica)
-    with answers(middleware.watcher.node, "txid") as reads:
+    with answers(middleware.watcher.node, "pos_bytes") as reads:
         assert get(client, 10).status_code == 200
         for txid in (1, 5, 10, 10, 10):
             assert get(client, txid).status_code == 200
@@ -125,7 +125,7 @@ def test_a_restore_seen_while_a_read_checks_is_not_kept_past_it(mount):
                 watcher.txid("app.db")  # the write, between the read's look and its memo
             return value
 
-    watcher._seen = RestoredMeanwhile(watcher._seen)
+    watcher.seen = RestoredMeanwhile(watcher.seen)
     assert get(client, 10).status_code == 200  # it looked before the restore
     assert get(client, 10).status_code == 504  # not served from what that read found
 
@@ -139,18 +139,18 @@ def test_a_position_read_before_a_restore_seen_meanwhile_is_not_kept_over_it(mou
     client, middleware, _ = setup(mount, poll_timeout="20ms")
     watcher = middleware.watcher
     assert get(client, 10).status_code == 200
-    read = watcher.node.txid
+    read = watcher.node.pos_bytes
 
-    def restored_after_the_read(db, *args):
-        txid = read(db, *args)  # 10, read before the restore
-        monkeypatch.setattr(watcher.node, "txid", read)
+    def restored_after_the_read(db):
+        data = read(db)  # 10, read before the restore
+        monkeypatch.setattr(watcher.node, "pos_bytes", read)
         mount.set_position("app.db", 4)
         assert watcher.txid(db) == 4  # the other thread, its write say, sees the restore
-        return txid
+        return data
 
-    monkeypatch.setattr(watcher.node, "txid", restored_after_the_read)
+    monkeypatch.setattr(watcher.node, "pos_bytes", restored_after_the_read)
     assert watcher.txid("app.db") == 10  # what this thread read, for its own request
-    assert watcher._seen["app.db"][0] == 4
+    assert watcher.seen["app.db"][0] == 4
     assert get(client, 10).status_code == 504  # not served: this node is at 4
     assert get(client, 4).status_code == 200
 
