@@ -106,6 +106,20 @@ def test_a_restore_seen_by_a_write_is_honoured_at_once_by_the_next_read(mount):
     assert get(client, 4).status_code == 200
 
 
+def test_a_restore_to_the_last_writes_own_bytes_is_seen_by_the_next_write(mount):
+    # A write reading the bytes the write before it read sends the cookie made then, unless
+    # the watcher has seen another position since: here a restore back to those very bytes.
+    mount.set_position("app.db", 10)
+    client, _, _ = setup(mount, poll_timeout="20ms")
+    assert client.post("/").headers["Set-Cookie"].startswith("__txid=000000000000000a;")
+    mount.set_position("app.db", 12)
+    assert get(client, 12).status_code == 200  # 12 seen, and this header kept as reached
+    mount.set_position("app.db", 10)  # restored: the file as the first write read it
+    assert client.post("/").headers["Set-Cookie"].startswith("__txid=000000000000000a;")
+    assert get(client, 12).status_code == 504  # no clock moved: the restore was seen by the write
+    assert get(client, 10).status_code == 200
+
+
 def test_a_restore_seen_while_a_read_checks_is_not_kept_past_it(mount):
     # A read finds its TXID in what the watcher had seen just as a write on another thread
     # sees a restore: that read is served as before, but the next one waits.
