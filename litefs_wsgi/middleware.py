@@ -213,8 +213,11 @@ class LiteFSMiddleware:
         self._require_mount, self._debug_on = config.require_mount, config.debug  # read on every write
         # The -pos bytes the last write read and the cookie made of them (see _add_cookie).
         # Not with api_url, where a tx event can raise the position past the file's.
-        self._last_write: tuple[bytes | None, tuple] = (None, ((0,), None, 0.0, 0.0, ""))
+        # (bytes, secure, the span of time.time() the cookie serves, its TXID, the cookie)
+        self._last_write: tuple[bytes | None, bool | None, float, float, int, str] = (None, None, 0.0, 0.0, 0, "")
         self._keep_last_write = self.watcher.events is None
+        # The database of _add_cookie's usual case: one, and no txid_header.
+        self._one_cookie_db = self._only_db if self._txid_key is None else None
         self._url_needs_port = "{port}" in config.primary_url
         # Cookie headers whose TXIDs were found reached (Watcher.reached): a client sends the
         # same one until its next write, and each read then costs a look-up. Not with a
@@ -247,7 +250,7 @@ class LiteFSMiddleware:
         replayed = environ.pop(HOP_ENVIRON_KEY, None) is not None or "HTTP_FLY_REPLAY_SRC" in environ
         method = environ.get("REQUEST_METHOD", "GET")
         if method != "GET" and method != "HEAD" and self._passthrough is None:
-            return self._write(environ, start_response, method, None, replayed)  # its path not needed
+            return self._write(environ, start_response, method, None, replayed, True)  # its path not needed
         path = environ.get("PATH_INFO", "")
         if not path.isascii() or environ.get("SCRIPT_NAME"):
             path = request_path(environ)  # else the same path, without a call on every request
@@ -259,9 +262,10 @@ class LiteFSMiddleware:
                 self._metrics.health()
                 return self._health(start_response)
         elif method != "HEAD":
-            return self._write(environ, start_response, method, path, replayed)
+            return self._write(environ, start_response, method, path, replayed, True)
         if self._always_forward is not None and self._always_forward.fullmatch(path):
-            return self._write(environ, start_response, method, path, replayed)
+            # LiteFS sets the cookie by method, never on a GET.
+            return self._write(environ, start_response, method, path, replayed, False)
         return self._read(environ, start_response, method, path, replayed)
 
     def _debug(self, decision: str, method: str, path: str, *details: Any) -> None:
@@ -343,7 +347,7 @@ class LiteFSMiddleware:
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
-            return self._write(environ, start_response, method, path, replayed, writes=True)
+            return self._write(environ, start_response, method, path, replayed, True)
         if not self._may_replay:
             served()
             return self.app(environ, start_response)
@@ -447,12 +451,13 @@ class LiteFSMiddleware:
             self._metrics.error()
             return errors.error(start_response, 500, "Proxy error: replay requested on the primary")
         self._debug("replayed on the primary by the app", method, path)
-        return self._write(environ, start_response, method, path, replayed, writes=True)
+        return self._write(environ, start_response, method, path, replayed, True)
 
-    def _write(self, environ, start_response, method, path, replayed, writes: bool = False) -> Iterable[bytes]:
-        """Run the request on the primary: here, or sent there. ``writes``: a GET or HEAD whose
-        view asked for the primary, which gets the cookie if it runs here (this node may have
-        become the primary while it waited for one). ``path``: None when not found yet (a
+    def _write(self, environ, start_response, method, path, replayed, cookie: bool) -> Iterable[bytes]:
+        """Run the request on the primary: here, or sent there. ``cookie``: its answer gets the
+        cookie if it runs here: a write, or a GET or HEAD whose view asked for the primary
+        (this node may have become the primary while it waited for one), not an
+        ``always_forward`` read (but for one replayed here). ``path``: None when not found yet (a
         write, routed by its method alone), found here only where it is said."""
         watcher = self.watcher
         if self._require_mount and watcher.mount_problem() is not None:
@@ -490,8 +495,7 @@ class LiteFSMiddleware:
             if self._debug_on:
                 self._debug("write on the primary", method, path or request_path(environ))
             self._metrics.write_primary()
-            if method in ("GET", "HEAD") and not replayed and not writes:
-                # An always_forward read: LiteFS sets the cookie by method, never on a GET.
+            if not cookie and not replayed:  # an always_forward read
                 return self.app(environ, start_response)
             head = _HeldHead(self, start_response, environ.get("wsgi.url_scheme") == "https")
             if not self._may_replay:
@@ -598,8 +602,8 @@ class LiteFSMiddleware:
 
     def _add_cookie(self, start_response, secure: bool, status: str, headers: list, exc_info=None):
         """Call the server's ``start_response`` with the ``__txid`` cookie of the position now."""
-        only = self._only_db
-        if only is None or self._txid_key is not None:
+        only = self._one_cookie_db
+        if only is None:
             txids = tuple([self.watcher.txid(db) for db in self.config.db])
             return self._add_cookies(start_response, secure, status, headers, exc_info, txids)
         # The usual case, here and not in _add_cookies: one database, no txid_header. This
@@ -608,20 +612,18 @@ class LiteFSMiddleware:
         # watcher has seen no other position since (a restore below it is then noticed here).
         watcher = self.watcher
         data = watcher.node.pos_bytes(only)
-        last = self._last_write
-        if data == last[0]:
-            made = last[1]
-            if made[1] is secure and made[2] <= time.time() < made[3]:
-                seen = watcher.seen.get(only)
-                if seen is not None and seen[0] == made[0][0]:
-                    return start_response(status, [*headers, ("Set-Cookie", made[4])], exc_info)
+        last_data, last_secure, since, until, txid, header = self._last_write
+        if data == last_data and secure is last_secure and since <= time.time() < until:
+            seen = watcher.seen.get(only)
+            if seen is not None and seen[0] == txid:
+                return start_response(status, [*headers, ("Set-Cookie", header)], exc_info)
         txid = watcher.txid(only, data)
         if txid is None:
             return self._add_cookies(start_response, secure, status, headers, exc_info, (txid,))
-        made = self.cookie.made((txid,), secure)
+        _, _, since, until, header = self.cookie.made((txid,), secure)
         if self._keep_last_write:
-            self._last_write = (data, made)
-        return start_response(status, [*headers, ("Set-Cookie", made[4])], exc_info)
+            self._last_write = (data, secure, since, until, txid, header)
+        return start_response(status, [*headers, ("Set-Cookie", header)], exc_info)
 
     def _add_cookies(self, start_response, secure: bool, status: str, headers: list, exc_info, txids: tuple):
         """``_add_cookie`` for the positions ``txids`` read (None: no position), one per database."""
@@ -661,7 +663,7 @@ class _HeldHead:
         self.secure = secure
         self.headers: list | None = None  # given by the app with ``status``, not sent yet
         self.released = False  # the head goes to the server as it is given
-        self.server_write: Callable[[bytes], Any] | None = None
+        # server_write, the server's write(), is set by release(), before write() reads it.
 
     def __call__(self, status: str, headers: list, exc_info=None) -> Callable[[bytes], Any]:
         if self.released:
