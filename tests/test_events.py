@@ -110,6 +110,11 @@ def test_while_the_stream_is_down_the_files_decide(replica, closing):
     wait_until(lambda: not watcher.events.connected, 10, "the stream to go down")
     assert watcher.role() == (False, "node-a")  # from .primary
     assert watcher.txid("app.db") == 1  # from app.db-pos, not the last tx event
+    replica.make_primary()
+    assert watcher.role(fresh=True) == (True, None)
+    # Not trusted by a write without asking role(): the stream, once up again, says first.
+    assert watcher.primary_until == float("-inf")
+    replica.make_replica("node-a")
     # A waiter is still released by the file alone.
     thread, result = in_thread(watcher.wait, {"app.db": 4}, 30)
     wait_until(lambda: watcher.waiting == 1, 10, "the waiter")

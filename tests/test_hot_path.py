@@ -249,6 +249,18 @@ def test_a_role_change_is_noticed_within_the_bound(tmp_path, before, after, loca
     assert where(client.post("/")) == ("app" if local_after else f"instance={after}")
 
 
+def test_forget_makes_the_next_write_read_the_role_again(mount):
+    # A write trusts the files' "primary" for STATE_TTL without asking role(); forget() ends
+    # that trust at once, as it does for the positions.
+    mount.set_position("app.db", 3)
+    client, middleware, _ = setup(mount)
+    assert client.post("/").get_data() == b"app"
+    mount.make_replica("node-b")
+    assert client.post("/").get_data() == b"app"  # within the bound, no clock moved
+    middleware.watcher.forget()
+    assert client.post("/").headers["fly-replay"] == "instance=node-b"
+
+
 def test_the_cookie_of_a_write_is_the_position_after_the_write(mount):
     mount.set_position("app.db", 5)
 
