@@ -249,8 +249,14 @@ class LiteFSMiddleware:
         # sent by a client, it can never choose where a request goes.
         replayed = environ.pop(HOP_ENVIRON_KEY, None) is not None or "HTTP_FLY_REPLAY_SRC" in environ
         method = environ.get("REQUEST_METHOD", "GET")
-        if method != "GET" and method != "HEAD" and self._passthrough is None:
-            return self._write(environ, start_response, method, None, replayed, True)  # its path not needed
+        if self._passthrough is None:
+            # No pattern to match the path against: a request is routed by its method, and
+            # its path is worked out only where it is said (a log line, an error); for a read,
+            # only when it may be /litefs/health (the path ends in PATH_INFO).
+            if method != "GET" and method != "HEAD":
+                return self._write(environ, start_response, method, None, replayed, True)
+            if self._always_forward is None and not HEALTH_PATH.endswith(environ.get("PATH_INFO", "")):
+                return self._read(environ, start_response, method, None, replayed)
         path = environ.get("PATH_INFO", "")
         if not path.isascii() or environ.get("SCRIPT_NAME"):
             path = request_path(environ)  # else the same path, without a call on every request
@@ -338,12 +344,12 @@ class LiteFSMiddleware:
             targets = self._with_txid_header(environ, targets)
         served = self._metrics.read
         if targets and not self.watcher.reached(targets, memo, header):  # seen, or one read: counts waits apart
-            refusal = self._wait(environ, start_response, method, path, targets)
+            refusal = self._wait(environ, start_response, method, path or request_path(environ), targets)
             if refusal is not None:
                 return refusal
             served = self._metrics.waited
-        if self.config.debug:
-            self._debug("read", method, path, targets or "")
+        if self._debug_on:
+            self._debug("read", method, path or request_path(environ), targets or "")
         if replayed and self.watcher.role()[0]:
             # Fly.io replayed it here from a replica, as a view asked: the client needs the
             # position after whatever the view writes.
@@ -443,6 +449,7 @@ class LiteFSMiddleware:
         """Send a read whose view raised ReplayOnPrimary to the primary, its answer dropped."""
         if hasattr(result, "close"):
             result.close()
+        path = path or request_path(environ)
         is_primary, _ = self.watcher.role()
         if is_primary:
             # A view that asks on the primary would ask again if called again: a bug in the

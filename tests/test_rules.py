@@ -151,6 +151,25 @@ def test_health(replica, lag_ms, max_lag, healthy):
     assert not app.calls
 
 
+@pytest.mark.parametrize(
+    ("script_name", "path_info", "health"),
+    [
+        ("", "/litefs/health", True),
+        ("/litefs", "/health", True),  # the app mounted at /litefs: the same path for LiteFS
+        ("/litefs/health", "", True),
+        ("/app", "/litefs/health", False),  # /app/litefs/health is the app's
+        ("", "/litefs/healthz", False),
+    ],
+)
+def test_health_is_the_whole_path_however_the_server_splits_it(replica, script_name, path_info, health):
+    replica.set_lag(0)
+    app = App()
+    c, _ = client(replica, app)
+    response = c.get(path_info, environ_overrides={"SCRIPT_NAME": script_name})
+    assert (response.get_data() == b"OK\n") == health
+    assert bool(app.calls) != health
+
+
 def test_health_default_max_lag_is_10s(replica):
     c, _ = client(replica, App())
     replica.set_lag(10_000)
