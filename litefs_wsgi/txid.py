@@ -38,23 +38,14 @@ def parse_pos(data: bytes) -> Pos | None:
     return None if txid is None else Pos(txid, int(data[17:33], 16))
 
 
-_last: tuple[bytes | None, int] = (None, 0)  # the last position parsed, and its TXID (None: none yet)
-
-
 def parse_pos_txid(data: bytes) -> int | None:
     """The TXID of a ``-pos`` file, the checksum checked but not parsed; None when it is torn,
     empty or garbage."""
-    # Read on every write: until the next commit the same bytes as the last time. Else
-    # checked with one C call that deletes the hex digits (a fraction of a regex's cost);
-    # what is left must be the "/" and "\n" in their places.
-    global _last
-    last = _last
-    if data == last[0]:
-        return last[1]
+    # Checked with one C call that deletes the hex digits (a fraction of a regex's cost): what
+    # is left must be the "/" and "\n" in their places. (A write that reads the same bytes as
+    # the last one does not come here: LiteFSMiddleware keeps its cookie.)
     if len(data) == 34 and data[16] == 0x2F and data[33] == 0x0A and data.translate(None, _LOWER_HEX) == b"/\n":
-        txid = int(data[:16], 16)
-        _last = (data, txid)
-        return txid
+        return int(data[:16], 16)
     return None
 
 

@@ -173,6 +173,7 @@ class Watcher:
         """(this node is the primary, the primary's hostname when it is another node), as
         read at most STATE_TTL ago, or now when ``fresh``."""
         if self.require_mount and self.mount_problem() is not None:
+            self.primary_until = float("-inf")  # nor for a write sharing this watcher
             return False, None  # not LiteFS's mount: whatever the files say, never the primary
         events = self.events
         if events is not None and events.connected:
